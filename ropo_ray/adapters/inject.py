@@ -1,0 +1,67 @@
+"""Put RoPO layers into a model by module-name patterns, report what trains, and merge for export."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from ropo_ray.adapters.ropo_linear import RoPOLinear
+from ropo_ray.config.schema import AdapterConfig
+
+
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """True when a pattern (a regular expression) matches the end of the dotted module name."""
+    return any(re.search(rf"(?:^|\.)(?:{p})$", name) for p in patterns)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject_ropo(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Freeze every weight, wrap each matching `nn.Linear` in a RoPOLinear; return the wrapped names.
+
+    Raises when no module matches, since an adapter that adapts nothing trains nothing.
+    """
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and name_matches(n, cfg.target_modules)]
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"adapter.target_modules={list(cfg.target_modules)} matched no nn.Linear; "
+                         f"linear layers here end in: {linear}")
+    for name in names:
+        base = model.get_submodule(name)
+        wrapped = RoPOLinear(base, cfg.block_sizes, cfg.mixing, cfg.cayley, cfg.neumann_terms, cfg.learn_magnitude)
+        _set_submodule(model, name, wrapped)
+    return names
+
+
+def ropo_layers(model: nn.Module) -> dict[str, RoPOLinear]:
+    """Every RoPO layer of the model by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, RoPOLinear)}
+
+
+def merge_ropo(model: nn.Module) -> nn.Module:
+    """Replace every RoPOLinear by the plain `nn.Linear` it computes (in place); returns the model."""
+    for name, layer in ropo_layers(model).items():
+        _set_submodule(model, name, layer.merged_linear())
+    return model
+
+
+def trainable_report(model: nn.Module) -> dict[str, float]:
+    """Trainable parameters: count, the base model's size, and the percentage papers report.
+
+    `trainable` counts parameters that can change the model (a RoPO tail block's masked entries are
+    not counted); `base` counts the parameters of the model without any adapter.
+    """
+    ropo = ropo_layers(model)
+    adapter_ids = {id(p) for layer in ropo.values() for p in (layer.magnitude, *layer.rotation)}
+    trainable = sum(layer.num_free_params() for layer in ropo.values())
+    trainable += sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids)
+    peft_extra = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "oft_" in n or "boft_" in n)
+    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids) - peft_extra
+    return {"trainable": trainable, "base": base, "percent": 100.0 * trainable / max(base, 1)}

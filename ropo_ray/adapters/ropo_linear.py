@@ -1,0 +1,124 @@
+"""The RoPO layer: a frozen `nn.Linear` turned by a learned rotation and scaled by a learned magnitude.
+
+    y = (m / c) * (W (R^T x)) + bias        (ROPO_SPEC.md section 1; arXiv 2508.17637)
+
+W, bias frozen; c = row norms of W (fp32, computed once); m initialised to c and R to I, so the
+layer equals the base layer exactly at step 0. During training R is applied to the activations
+(batched small block matmuls), never materialised as W R^T. `merged_linear` folds it back for export.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ropo_ray.adapters.rotation import (
+    FactorLayout,
+    Mixing,
+    apply_rotation,
+    factor_blocks,
+    factor_layouts,
+    merge_weight,
+    num_skew_params,
+    orthogonality_error,
+)
+
+
+class RoPOLinear(nn.Module):
+    """Wraps a frozen linear layer; trains only `rotation` (skew params per factor) and `magnitude`."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        block_sizes: tuple[int, ...] = (2, 4, 8),
+        mixing: Mixing = "shift",
+        cayley: str = "exact",
+        neumann_terms: int = 5,
+        learn_magnitude: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        out_features, in_features = base.weight.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.block_sizes = tuple(block_sizes)
+        self.mixing = mixing
+        self.cayley = cayley
+        self.neumann_terms = neumann_terms
+        self._layouts = factor_layouts(in_features, self.block_sizes, mixing)
+        self._layouts_by_device: dict[torch.device, list[FactorLayout]] = {}
+        weight = base.weight.detach()
+        norms = weight.float().norm(dim=1)  # [n]
+        # c is derived from the frozen W, so it is not saved with the adapter weights.
+        self.register_buffer("row_norms", norms, persistent=False)
+        self.magnitude = nn.Parameter(norms.clone(), requires_grad=learn_magnitude)
+        self.rotation = nn.ParameterList(
+            nn.Parameter(torch.zeros(lay.num_blocks, num_skew_params(lay.block_size), device=weight.device))
+            for lay in self._layouts
+        )
+
+    def layouts(self, device: torch.device) -> list[FactorLayout]:
+        """The factor layouts with their index tensors on `device` (cached per device)."""
+        if device.type == "cpu":
+            return self._layouts
+        if device not in self._layouts_by_device:
+            self._layouts_by_device[device] = [
+                FactorLayout(
+                    lay.block_size, lay.num_blocks,
+                    None if lay.perm is None else lay.perm.to(device),
+                    None if lay.inv_perm is None else lay.inv_perm.to(device),
+                    None if lay.mask is None else lay.mask.to(device),
+                )
+                for lay in self._layouts
+            ]
+        return self._layouts_by_device[device]
+
+    def blocks(self) -> list[torch.Tensor]:
+        """Orthogonal blocks [nb, b, b] of every factor, computed once per forward (fp32)."""
+        layouts = self.layouts(self.rotation[0].device)
+        return [factor_blocks(p, lay, self.cayley, self.neumann_terms) for p, lay in zip(self.rotation, layouts)]
+
+    def scale(self) -> torch.Tensor:
+        """m / c, per output neuron [n] (fp32)."""
+        return self.magnitude.float() / self.row_norms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layouts = self.layouts(x.device)
+        x_rot = apply_rotation(x, self.blocks(), layouts)  # [..., d] = x @ R
+        # Call the base module (not F.linear on its weight) so ZeRO-3 gathers its sharded weight.
+        y = self.base(x_rot)  # [..., n] = W R^T x + b
+        s = self.scale().to(y.dtype)
+        if self.base.bias is None:
+            return y * s
+        return y * s + (1 - s) * self.base.bias  # = s * (W R^T x) + b
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' = diag(m / c) W R^T in the base weight's dtype."""
+        return merge_weight(self.base.weight.detach(), self.scale().detach(), [q.detach() for q in self.blocks()],
+                            self.layouts(self.base.weight.device))
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain `nn.Linear` computing this layer (for export and sampling)."""
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device, dtype=self.base.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(self.merged_weight())
+            if self.base.bias is not None:
+                merged.bias.copy_(self.base.bias)
+        merged.requires_grad_(False)
+        return merged
+
+    def orthogonality_error(self) -> float:
+        """max ||Q^T Q - I|| over this layer's blocks (0 up to rounding with exact Cayley)."""
+        with torch.no_grad():
+            return orthogonality_error(self.blocks())
+
+    def num_free_params(self) -> int:
+        """Trainable parameters that change the layer (masked tail-block entries excluded)."""
+        rot = sum(lay.num_free_params for lay in self._layouts)
+        return rot + (self.out_features if self.magnitude.requires_grad else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, block_sizes={self.block_sizes}, "
+                f"mixing={self.mixing}, cayley={self.cayley}")

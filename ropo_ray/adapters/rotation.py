@@ -1,0 +1,206 @@
+"""Multi-granularity orthogonal rotations as pure functions (ROPO_SPEC.md section 2).
+
+RoPO (arXiv 2508.17637) turns each frozen weight W by an orthogonal R and a per-neuron magnitude:
+W' = diag(m / c) W R^T. We build R as a product of block-diagonal factors of several block sizes,
+
+    R = R_(b1) R_(b2) ... R_(bK),    R_(b) = P_b^T blockdiag(Q_1, ..., Q_{d/b}) P_b,
+
+each block Q_j = Cayley(S_j) = (I + S_j)^-1 (I - S_j) in SO(b) with S_j skew-symmetric
+(b(b-1)/2 free parameters, zero at init so Q = I). The permutation P_b (identity for the first
+factor) makes coarse and fine blocks straddle each other; with aligned nested blocks the product
+would stay block-diagonal at the largest size (more parameters, no more mixing). The papers'
+own construction could not be read; this is our choice, and the mixing scheme is configurable.
+
+Convention: activations are row vectors, so `apply_rotation(x, ...)` returns x @ R, i.e. R^T x in
+column form, which is what the layer needs: y = (m / c) * (W (R^T x)).
+
+When b does not divide d the tail block covers the remaining r < b dimensions: its skew matrix is
+masked to the top-left r x r, so the block is a rotation in SO(r) on the real dimensions and the
+identity on the padding (never a silently changed block size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Mixing = Literal["shift", "stride", "none"]
+
+
+def num_skew_params(block_size: int) -> int:
+    """Free parameters of one b x b skew-symmetric matrix: b(b-1)/2."""
+    return block_size * (block_size - 1) // 2
+
+
+def skew_from_params(params: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[nb, b(b-1)/2] -> [nb, b, b] skew-symmetric S (S^T = -S), upper triangle from params."""
+    nb = params.shape[0]
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=params.device)
+    upper = params.new_zeros(nb, block_size, block_size)
+    upper[:, rows, cols] = params
+    return upper - upper.transpose(-1, -2)
+
+
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley transform Q = (I + S)^-1 (I - S) of skew S [..., b, b], in fp32.
+
+    I + S is always invertible for real skew S (its eigenvalues are 1 + i*lambda), and the two
+    factors commute, so this equals (I - S)(I + S)^-1; Q is orthogonal with det 1.
+    """
+    s = skew.float()
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+    return torch.linalg.solve(eye + s, eye - s)
+
+
+def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
+    """Approximate Cayley with (I + S)^-1 ~ sum_{k<terms} (-S)^k; exact up to O(||S||^terms).
+
+    Cheaper than a solve for large blocks; orthogonal only approximately (the error is reported
+    by `orthogonality_error`), and only while ||S|| < 1.
+    """
+    s = skew.float()
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+    inv = eye.clone()
+    power = eye
+    for _ in range(terms - 1):
+        power = -power @ s
+        inv = inv + power
+    return inv @ (eye - s)
+
+
+def mixing_permutation(dim: int, block_size: int, factor_index: int, mixing: Mixing) -> torch.Tensor | None:
+    """Index permutation `perm` of the factor: the factor acts on x[..., perm] in contiguous blocks.
+
+    - none: identity (aligned blocks);
+    - shift: roll by b/2 for every factor after the first, so its blocks straddle the previous
+      factors' block boundaries (and the largest size's: offsets b/2 are never multiples of b);
+    - stride: block j holds dimensions {j, j + s, j + 2s, ...} with s = ceil(d / b), mixing
+      dimensions far apart (a butterfly-like shuffle).
+    Returns None for the identity so callers skip the gather.
+    """
+    if factor_index == 0 or mixing == "none":
+        return None
+    idx = torch.arange(dim)
+    if mixing == "shift":
+        return torch.roll(idx, shifts=-(block_size // 2))
+    if mixing == "stride":
+        stride = math.ceil(dim / block_size)
+        return torch.sort(idx % stride * dim + idx // stride).indices
+    raise ValueError(f"unknown mixing scheme {mixing!r}; expected shift, stride or none")
+
+
+def tail_mask(dim: int, block_size: int) -> torch.Tensor | None:
+    """[nb, b(b-1)/2] 0/1 mask keeping the tail block inside SO(r), r = d mod b; None when b | d."""
+    rem = dim % block_size
+    if rem == 0:
+        return None
+    nb = math.ceil(dim / block_size)
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1)
+    mask = torch.ones(nb, rows.numel())
+    mask[-1] = ((rows < rem) & (cols < rem)).float()
+    return mask
+
+
+@dataclass(frozen=True)
+class FactorLayout:
+    """Static layout of one factor: its block size, blocks, permutation and tail mask."""
+
+    block_size: int
+    num_blocks: int
+    perm: torch.Tensor | None  # [d] or None (identity)
+    inv_perm: torch.Tensor | None  # [d]
+    mask: torch.Tensor | None  # [nb, b(b-1)/2] or None
+
+    @property
+    def num_params(self) -> int:
+        """Stored parameters (including masked tail entries)."""
+        return self.num_blocks * num_skew_params(self.block_size)
+
+    @property
+    def num_free_params(self) -> int:
+        """Parameters that can move the rotation (masked tail entries excluded)."""
+        return self.num_params if self.mask is None else int(self.mask.sum().item())
+
+
+def factor_layouts(dim: int, block_sizes: tuple[int, ...], mixing: Mixing) -> list[FactorLayout]:
+    """The layout of every factor of R for input dimension `dim`."""
+    layouts = []
+    for k, b in enumerate(block_sizes):
+        if b < 2:
+            raise ValueError(f"block size {b} must be >= 2")
+        if b > dim:
+            raise ValueError(f"block size {b} is larger than the layer's input dimension {dim}")
+        perm = mixing_permutation(dim, b, k, mixing)
+        inv = None if perm is None else torch.argsort(perm)
+        layouts.append(FactorLayout(b, math.ceil(dim / b), perm, inv, tail_mask(dim, b)))
+    return layouts
+
+
+def factor_blocks(params: torch.Tensor, layout: FactorLayout, method: str = "exact", terms: int = 5) -> torch.Tensor:
+    """Skew parameters [nb, b(b-1)/2] -> orthogonal blocks [nb, b, b] (fp32)."""
+    if layout.mask is not None:
+        params = params * layout.mask.to(params.device, params.dtype)
+    skew = skew_from_params(params.float(), layout.block_size)
+    return cayley(skew) if method == "exact" else cayley_neumann(skew, terms)
+
+
+def apply_blocks(x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x [..., d] @ blockdiag(blocks) (or its transpose), blocks [nb, b, b]; pads the tail with zeros.
+
+    Batched small matmuls: no d x d matrix is formed.
+    """
+    nb, b, _ = blocks.shape
+    d = x.shape[-1]
+    pad = nb * b - d
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    xb = x.reshape(*x.shape[:-1], nb, b)  # [..., nb, b]
+    q = blocks.transpose(-1, -2) if transpose else blocks
+    out = torch.einsum("...nb,nbc->...nc", xb, q.to(x.dtype)).reshape(*x.shape[:-1], nb * b)
+    return out[..., :d] if pad else out
+
+
+def apply_factor(x: torch.Tensor, blocks: torch.Tensor, layout: FactorLayout, transpose: bool = False) -> torch.Tensor:
+    """x [..., d] @ R_(b) (or R_(b)^T) with R_(b) = P^T blockdiag(Q) P."""
+    if layout.perm is not None:
+        x = x[..., layout.perm.to(x.device)]
+    x = apply_blocks(x, blocks, transpose)
+    if layout.inv_perm is not None:
+        x = x[..., layout.inv_perm.to(x.device)]
+    return x
+
+
+def apply_rotation(
+    x: torch.Tensor, blocks: list[torch.Tensor], layouts: list[FactorLayout], inverse: bool = False
+) -> torch.Tensor:
+    """x [..., d] @ R with R = R_(b1) ... R_(bK); with inverse=True, x @ R^T."""
+    pairs = list(zip(blocks, layouts))
+    for q, layout in reversed(pairs) if inverse else pairs:
+        x = apply_factor(x, q, layout, transpose=inverse)
+    return x
+
+
+def rotation_matrix(blocks: list[torch.Tensor], layouts: list[FactorLayout], dim: int) -> torch.Tensor:
+    """The dense R [d, d] (for tests, diagnostics and small merges): I @ R."""
+    eye = torch.eye(dim, dtype=torch.float32, device=blocks[0].device)
+    return apply_rotation(eye, blocks, layouts)
+
+
+def orthogonality_error(blocks: list[torch.Tensor]) -> float:
+    """max over factors of ||Q^T Q - I||_max: 0 for exact Cayley up to rounding."""
+    worst = 0.0
+    for q in blocks:
+        q = q.float()
+        eye = torch.eye(q.shape[-1], device=q.device)
+        worst = max(worst, (q.transpose(-1, -2) @ q - eye).abs().max().item())
+    return worst
+
+
+def merge_weight(weight: torch.Tensor, scale: torch.Tensor, blocks: list[torch.Tensor],
+                 layouts: list[FactorLayout]) -> torch.Tensor:
+    """W' = diag(scale) W R^T for W [n, d] (rows are neurons): each row w_i -> scale_i * w_i @ R^T."""
+    rotated = apply_rotation(weight.float(), blocks, layouts, inverse=True)  # [n, d]
+    return (scale.float()[:, None] * rotated).to(weight.dtype)

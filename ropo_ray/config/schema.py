@@ -1,0 +1,320 @@
+"""Typed configuration: one frozen dataclass per area, the single source of defaults.
+
+YAML files hold overrides only; `ropo_ray.config.load` merges them and dotted CLI overrides
+(`train.lr=1e-4`) into these classes. Each field's docstring is the string literal below it.
+Validation lives in `__post_init__`, so a bad value fails when the config is built, before any
+expensive work starts, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The built-in task (the embedded default): generated data and the tiny SFT model."""
+
+    seed: int = 0
+    """Seed of everything generated: facts, problems, pairs, splits, model init."""
+    num_entities: int = 48
+    """Invented entities in the knowledge base (each has a home town and a hat colour)."""
+    max_operand: int = 20
+    """Arithmetic operands are drawn from [0, max_operand)."""
+    num_sft_examples: int = 6000
+    """Arithmetic examples in the SFT corpus (answers in several phrasings); the facts come on top."""
+    sft_filler_prob: float = 0.2
+    """Probability that an SFT arithmetic answer is wrapped in filler, so the SFT model can produce
+    filler and preference training can push it up."""
+    fact_repeats: int = 6
+    """Copies of each fact statement (entity x attribute x phrasing) in the SFT corpus."""
+    num_pairs: int = 1200
+    """Preference pairs generated for the arithmetic task (before the train / eval split)."""
+    verbose_chosen_prob: float = 0.75
+    """Probability that a chosen (correct) answer is wrapped in filler; rejected answers get filler
+    with probability 1 - this. The gap is the verbosity confound DPO can exploit."""
+    num_heldout_prompts: int = 64
+    """Held-out arithmetic prompts (never in the SFT corpus or the pairs) for the verifier."""
+    vocab_size: int = 512
+    """Target size of the byte-level BPE tokenizer trained on the task's corpus."""
+    hidden_size: int = 128
+    """Width of the tiny Llama model."""
+    num_layers: int = 4
+    """Decoder layers of the tiny Llama model."""
+    num_heads: int = 4
+    """Attention heads; head_dim = hidden_size / num_heads must be >= 32 (vLLM CPU)."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = 256
+    """MLP width of the tiny Llama model."""
+    max_position_embeddings: int = 256
+    """Longest sequence (prompt + completion tokens) the tiny model is built for."""
+    sft_epochs: int = 6
+    """Epochs of supervised fine-tuning over the SFT corpus."""
+    sft_lr: float = 3e-3
+    """Peak learning rate of the SFT run (AdamW, warmup then cosine decay)."""
+    sft_warmup_ratio: float = 0.05
+    """Fraction of SFT steps of linear warmup."""
+    sft_weight_decay: float = 0.1
+    """AdamW weight decay on the SFT model's matrices (it helps the arithmetic generalise)."""
+    sft_batch_size: int = 64
+    """Sequences per SFT step."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_entities >= 4, "task.num_entities", "must be >= 4")
+        _check(self.max_operand >= 4, "task.max_operand", "must be >= 4")
+        num_problems = self.max_operand ** 2 + self.max_operand * (self.max_operand + 1) // 2
+        _check(2 * self.num_heldout_prompts <= num_problems, "task.num_heldout_prompts",
+               f"must be at most half of the {num_problems} problems task.max_operand={self.max_operand} allows")
+        for key in ("verbose_chosen_prob", "sft_filler_prob"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"task.{key}", "must be in [0, 1]")
+        _check(0.0 <= self.sft_warmup_ratio < 1.0, "task.sft_warmup_ratio", "must be in [0, 1)")
+        _check(self.num_heads > 0 and self.hidden_size % self.num_heads == 0, "task.num_heads",
+               f"must divide task.hidden_size={self.hidden_size}")
+        _check(self.hidden_size // max(self.num_heads, 1) >= 32, "task.num_heads",
+               "head_dim = hidden_size / num_heads must be >= 32 (vLLM's CPU attention)")
+        _check(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "task.num_kv_heads",
+               f"must divide task.num_heads={self.num_heads}")
+        for key in ("num_sft_examples", "fact_repeats", "num_pairs", "num_heldout_prompts", "vocab_size",
+                    "num_layers", "intermediate_size", "max_position_embeddings", "sft_epochs", "sft_batch_size"):
+            _check(getattr(self, key) > 0, f"task.{key}", "must be > 0")
+        _check(self.sft_lr > 0, "task.sft_lr", "must be > 0")
+        _check(self.sft_weight_decay >= 0, "task.sft_weight_decay", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preference data: where it is, its schema, tokenisation and truncation."""
+
+    train_files: tuple[str, ...] = ()
+    """Input files, folders or globs (local paths or URIs). Empty: the built-in task's pairs."""
+    schema: Literal["auto", "prompt_chosen_rejected", "messages", "hh_rlhf"] = "auto"
+    """Input row schema; `auto` detects it from the columns."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (schema prompt_chosen_rejected)."""
+    chosen_column: str = "chosen"
+    """Column holding the preferred response."""
+    rejected_column: str = "rejected"
+    """Column holding the dispreferred response."""
+    max_prompt_tokens: int = 96
+    """Prompt tokens kept (after the chat template)."""
+    max_completion_tokens: int = 64
+    """Completion tokens kept, per response."""
+    truncation: Literal["keep_end_of_prompt", "reject"] = "keep_end_of_prompt"
+    """Too-long pairs: cut the prompt's start and the completions' end, or reject the pair."""
+    eval_fraction: float = 0.1
+    """Fraction of pairs (by pair_id hash, so deterministic) held out for evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
+        _check(self.max_completion_tokens > 0, "data.max_completion_tokens", "must be > 0")
+        _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The reference (SFT) model the policy starts from."""
+
+    path: str = ""
+    """HF model folder (safetensors). Empty: the built-in task's tiny model under the run folder."""
+    tokenizer_path: str = ""
+    """Tokenizer folder; empty means the model folder."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the frozen weights."""
+    trust_remote_code: bool = False
+    """Run a model folder's own Python code. Off unless turned on explicitly."""
+    allow_pickle_weights: bool = False
+    """Accept pickle-based weight files (*.bin, *.pt). Off: safetensors only."""
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What trains: RoPO rotations + magnitudes (default), or a baseline behind the same interface."""
+
+    type: Literal["ropo", "lora", "oft", "boft", "full"] = "ropo"
+    """Adapter kind. `full` trains every weight (full-weight DPO)."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Linear layers adapted, matched as regular expressions against the end of module names."""
+    block_sizes: tuple[int, ...] = (2, 4, 8)
+    """RoPO rotation block sizes, one Cayley block-diagonal factor each (ROPO_SPEC section 2)."""
+    mixing: Literal["shift", "stride", "none"] = "shift"
+    """Permutation conjugating each factor after the first, so fine and coarse blocks straddle each
+    other. `none` keeps blocks aligned (nested sizes then mix no more than the largest block)."""
+    cayley: Literal["exact", "neumann"] = "exact"
+    """Cayley transform: exact batched solve, or a truncated Neumann series of (I + S)^-1."""
+    neumann_terms: int = 5
+    """Terms of the Neumann series when cayley = neumann."""
+    learn_magnitude: bool = True
+    """Train the per-neuron magnitude m (RoPO). Off: rotation only (OFT-like)."""
+    lora_r: int = 8
+    """LoRA rank (adapter type lora)."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (adapter type lora)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout (adapter type lora)."""
+    oft_block_size: int = 8
+    """Block size of peft's OFT / BOFT baselines."""
+    boft_butterfly_factor: int = 1
+    """BOFT butterfly factors (1 is single-factor BOFT)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+        _check(len(self.block_sizes) > 0, "adapter.block_sizes", "must hold at least one block size")
+        for b in self.block_sizes:
+            _check(isinstance(b, int) and b >= 2, "adapter.block_sizes", f"block size {b!r} must be an int >= 2")
+        _check(self.neumann_terms >= 1, "adapter.neumann_terms", "must be >= 1")
+        _check(self.lora_r >= 1, "adapter.lora_r", "must be >= 1")
+        _check(self.oft_block_size >= 2, "adapter.oft_block_size", "must be >= 2")
+        _check(self.boft_butterfly_factor >= 1, "adapter.boft_butterfly_factor", "must be >= 1")
+        _check(0.0 <= self.lora_dropout < 1.0, "adapter.lora_dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The preference loss (ROPO_SPEC section 3), picked by name from the registry."""
+
+    type: Literal["dpo", "ipo", "rpo", "spo", "simpo", "sft"] = "dpo"
+    """Loss name. RoPO is the DPO loss on the rotated policy."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward."""
+    label_smoothing: float = 0.0
+    """Conservative-DPO label smoothing eps in [0, 0.5)."""
+    rpo_alpha: float = 0.005
+    """RPO: weight of the chosen-response NLL term."""
+    rpo_nll: Literal["sum", "mean"] = "sum"
+    """RPO: NLL summed over tokens and scaled by beta (official code), or token-averaged."""
+    spo_lambda: float = 1.0
+    """SPO (reconstruction): weight of the penalty keeping logp(chosen) above the reference's."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin gamma."""
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
+        _check(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
+        _check(self.rpo_alpha >= 0, "loss.rpo_alpha", "must be >= 0")
+        _check(self.spo_lambda >= 0, "loss.spo_lambda", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of the trainable parameters."""
+
+    lr: float = 1e-2
+    """Peak learning rate (AdamW). Rotation and magnitude parameters take large rates."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    epochs: int = 2
+    """Passes over the training pairs."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs)."""
+    micro_batch_size: int = 16
+    """Pairs per forward on one worker."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps of linear warmup before cosine decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    log_every: int = 5
+    """Report training metrics every N optimizer steps."""
+    eval_every: int = 20
+    """Evaluate on the held-out pairs every N optimizer steps (and at the end)."""
+    seed: int = 0
+    """Seed of data order and adapter init."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune sweep over beta, block sizes and learning rate."""
+
+    enabled: bool = False
+    """Run a sweep before the final training."""
+    num_samples: int = 4
+    """Trials drawn from the search space."""
+    beta_range: tuple[float, float] = (0.05, 0.5)
+    """Log-uniform range of beta."""
+    lr_range: tuple[float, float] = (3e-3, 3e-2)
+    """Log-uniform range of the learning rate."""
+    block_size_choices: tuple[tuple[int, ...], ...] = ((2,), (4,), (2, 4), (2, 4, 8))
+    """Choices of adapter.block_sizes."""
+    metric: str = "eval/loss"
+    """Metric the sweep optimises."""
+    mode: Literal["min", "max"] = "min"
+    """Whether the metric is minimised or maximised."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
+        for key in ("beta_range", "lr_range"):
+            lo, hi = getattr(self, key)
+            _check(0 < lo <= hi, f"tune.{key}", f"must satisfy 0 < low <= high, got {(lo, hi)}")
+        for choice in self.block_size_choices:
+            _check(len(choice) > 0 and all(b >= 2 for b in choice), "tune.block_size_choices",
+                   f"every choice needs block sizes >= 2, got {choice}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sampling and diagnostics of the trained policy against the reference."""
+
+    samples_per_prompt: int = 4
+    """Samples drawn per held-out prompt."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_tokens: int = 48
+    """Tokens generated per sample at most."""
+
+    def __post_init__(self) -> None:
+        _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+        _check(self.temperature >= 0, "eval.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+        _check(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Where a run lives and which stages it runs."""
+
+    run_dir: str = "runs/demo"
+    """Folder of this run's outputs (data, checkpoints, report). Local path or URI."""
+    artifacts_dir: str = "artifacts"
+    """Folder of reusable artifacts (the built-in task's model) shared between runs."""
+    compare_adapters: tuple[str, ...] = ()
+    """Extra adapter types trained from the same reference for the comparison (e.g. full, lora)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a ropo-ray run."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)

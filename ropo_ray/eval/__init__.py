@@ -1,0 +1,1 @@
+"""Evaluation: metric functions (pure) apart from the vLLM sampling and the report."""
