@@ -22,26 +22,30 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None
     return out
 
 
+def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+                      ) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion sequences: input_ids, attention_mask, completion_mask, each [N, T];
+    completion_mask is 1 on completion tokens."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
+    input_ids = pad_sequences(seqs, pad_id)  # [N, T]
+    width = input_ids.shape[1]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": pad_sequences([[1] * len(s) for s in seqs], 0, width),  # [N, T]
+        "completion_mask": pad_sequences(masks, 0, width),  # [N, T]
+    }
+
+
 def collate_pairs(
     prompts: Sequence[Sequence[int]],
     chosen: Sequence[Sequence[int]],
     rejected: Sequence[Sequence[int]],
     pad_id: int,
 ) -> dict[str, torch.Tensor]:
-    """Token lists of B pairs -> the concatenated batch.
-
-    Returns input_ids, attention_mask, completion_mask, all [2B, T]: rows 0..B-1 are prompt+chosen,
-    rows B..2B-1 prompt+rejected; completion_mask is 1 on completion tokens.
-    """
-    seqs, masks = [], []
-    for responses in (chosen, rejected):
-        for p, r in zip(prompts, responses):
-            seqs.append(list(p) + list(r))
-            masks.append([0] * len(p) + [1] * len(r))
-    input_ids = pad_sequences(seqs, pad_id)  # [2B, T]
-    completion_mask = pad_sequences(masks, 0, input_ids.shape[1])  # [2B, T]
-    attention_mask = pad_sequences([[1] * len(s) for s in seqs], 0, input_ids.shape[1])  # [2B, T]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    """Token lists of B pairs -> the concatenated batch, [2B, T]: rows 0..B-1 are prompt+chosen,
+    rows B..2B-1 prompt+rejected."""
+    return collate_sequences(list(prompts) * 2, list(chosen) + list(rejected), pad_id)
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
