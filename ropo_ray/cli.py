@@ -1,0 +1,59 @@
+"""`ropo-ray`: the pipeline's stages as subcommands.
+
+    ropo-ray demo-model [--config YAML] [section.key=value ...]   build the built-in task's SFT model
+    ropo-ray show-config [--config YAML] [overrides ...]          print the effective configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from ropo_ray.config import Config, ConfigError, config_to_dict, load_config
+
+
+def cmd_show_config(cfg: Config) -> int:
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_demo_model(cfg: Config) -> int:
+    from ropo_ray.runs import resolve_model, set_threads
+
+    set_threads()
+    resolve_model(cfg)
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[Config], int], str]] = {
+    "show-config": (cmd_show_config, "print the effective configuration as YAML"),
+    "demo-model": (cmd_demo_model, "build (or reuse) the built-in task's tokenizer and tiny SFT model"),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None, commands: Sequence[str] = tuple(COMMANDS)) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ropo-ray", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in commands:
+        p = sub.add_parser(name, help=COMMANDS[name][1])
+        p.add_argument("--config", type=Path, default=None, help="YAML file of overrides")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"ropo-ray: configuration error: {err}", file=sys.stderr)
+        return 2
+    return COMMANDS[args.command][0](cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

