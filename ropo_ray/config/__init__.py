@@ -3,6 +3,7 @@
 from ropo_ray.config.load import config_to_dict, load_config, parse_override, save_config
 from ropo_ray.config.schema import (
     AdapterConfig,
+    CacheConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -16,7 +17,7 @@ from ropo_ray.config.schema import (
 )
 
 __all__ = [
-    "AdapterConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig",
+    "AdapterConfig", "CacheConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LossConfig", "ModelConfig",
     "PipelineConfig", "TaskConfig", "TrainConfig", "TuneConfig", "config_to_dict", "load_config",
     "parse_override", "save_config",
 ]

@@ -59,15 +59,15 @@ class TaskConfig:
     """MLP width of the tiny Llama model."""
     max_position_embeddings: int = 256
     """Longest sequence (prompt + completion tokens) the tiny model is built for."""
-    sft_epochs: int = 6
+    sft_epochs: int = 5
     """Epochs of supervised fine-tuning over the SFT corpus."""
-    sft_lr: float = 3e-3
+    sft_lr: float = 2e-3
     """Peak learning rate of the SFT run (AdamW, warmup then cosine decay)."""
     sft_warmup_ratio: float = 0.05
     """Fraction of SFT steps of linear warmup."""
     sft_weight_decay: float = 0.1
     """AdamW weight decay on the SFT model's matrices (it helps the arithmetic generalise)."""
-    sft_batch_size: int = 64
+    sft_batch_size: int = 16
     """Sequences per SFT step."""
 
     def __post_init__(self) -> None:
@@ -135,6 +135,28 @@ class ModelConfig:
     """Run a model folder's own Python code. Off unless turned on explicitly."""
     allow_pickle_weights: bool = False
     """Accept pickle-based weight files (*.bin, *.pt). Off: safetensors only."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The shared reference-logprob cache and the Ray Data actor pool that fills it."""
+
+    root: str = "artifacts/refcache"
+    """Folder of the cache (shared storage on a cluster); entries live under root/<key>/."""
+    num_actors: int = 1
+    """Actors in the pool, each holding one copy of the reference model."""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor (its torch threads)."""
+    batch_rows: int = 256
+    """Rows handed to an actor at once (consecutive in length order)."""
+    token_budget: int = 8192
+    """Tokens per reference forward: rows x longest pair in the micro-batch."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_actors >= 1, "cache.num_actors", "must be >= 1")
+        _check(self.cpus_per_actor > 0, "cache.cpus_per_actor", "must be > 0")
+        _check(self.batch_rows >= 1, "cache.batch_rows", "must be >= 1")
+        _check(self.token_budget >= 1, "cache.token_budget", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -312,6 +334,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

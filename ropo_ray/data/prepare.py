@@ -1,0 +1,160 @@
+"""`ropo-ray prepare`: preference files -> validated, tokenised, deduplicated Parquet, on Ray Data.
+
+    read (one task per file, streamed in chunks) -> parse / normalise / validate / tokenise
+    (an actor pool holding the tokenizer) -> stage/ partitioned by split
+    -> kept rows hash-partitioned by pair_id, duplicates marked -> train/, eval/, rejects/
+    -> manifest.json (counts, fingerprint), published by renaming the finished folder into place.
+
+Memory stays bounded whatever the input size: files are read in chunks, every step streams, and
+the deduplication is a hash shuffle that Ray Data spills to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from ropo_ray.config.schema import Config, DataConfig, ModelConfig
+from ropo_ray.data.rows import RAW_SCHEMA, ROW_SCHEMA, iter_raw_rows, prepare_row, rejected_row
+from ropo_ray.data.sources import InputFile, filesystem_of, inputs_fingerprint, resolve_inputs
+from ropo_ray.fingerprint import hash_json, tokenizer_fingerprint
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "eval", "rejects")
+
+
+def _read_files(batch: dict[str, Any]) -> Iterator[pa.Table]:
+    """map_batches UDF: one file per input row -> streamed tables of (source, row_index, raw)."""
+    for uri, fmt in zip(batch["uri"], batch["format"]):
+        fs, path, _ = filesystem_of(str(uri))
+        opener = fs.open_input_file if fmt == "parquet" else fs.open_input_stream
+        with opener(path) as stream:
+            for chunk in iter_raw_rows(stream, str(fmt)):
+                yield pa.table({"source": [str(uri)] * len(chunk), "row_index": [i for i, _ in chunk],
+                                "raw": [r for _, r in chunk]}, schema=RAW_SCHEMA)
+
+
+class RowPreparer:
+    """Actor: holds the tokenizer, turns raw rows into kept or rejected rows."""
+
+    def __init__(self, tokenizer_path: str, data_cfg: DataConfig, model_cfg: ModelConfig) -> None:
+        from ropo_ray.train.model_io import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path, model_cfg)
+        self.cfg = data_cfg
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [prepare_row(s, int(i), r, self.tokenizer, self.cfg) for s, i, r in
+                zip(batch["source"].to_pylist(), batch["row_index"].to_pylist(), batch["raw"].to_pylist())]
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def mark_duplicates(block: pa.Table, split: str) -> pa.Table:
+    """Within a hash partition by pair_id: the first row (by source, row_index) of each pair_id stays in
+    `split`, the others become rejects with reason duplicate_pair naming the kept row."""
+    rows = sorted(block.to_pylist(), key=lambda r: (r["pair_id"], r["source"], r["row_index"]))
+    out, first = [], None
+    for r in rows:
+        if first is not None and r["pair_id"] == first["pair_id"]:
+            detail = f"same pair as {first['source']} row {first['row_index']}"
+            r = rejected_row(r["source"], r["row_index"], r["raw"].encode(), "duplicate_pair", detail)
+        else:
+            first = r
+            r = {**r, "split": split}
+        out.append(r)
+    return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
+
+
+def prepare_fingerprint(files: list[InputFile], cfg: Config, tokenizer_path: str) -> str:
+    """Everything the prepared data depends on: inputs, data settings, tokenizer and chat template."""
+    return hash_json({"inputs": inputs_fingerprint(files), "data": asdict(cfg.data),
+                      "tokenizer": tokenizer_fingerprint(tokenizer_path), "format": 1})
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _count(folder: Path, columns: list[str] | None = None) -> pa.Table | int:
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+        return 0 if columns is None else pa.table({c: [] for c in columns})
+    dataset = pads.dataset(str(folder), format="parquet")
+    return dataset.count_rows() if columns is None else dataset.to_table(columns=columns)
+
+
+def _summarise(out: Path) -> dict[str, Any]:
+    rejects = _count(out / "rejects", ["reason"])
+    reasons = Counter(rejects["reason"].to_pylist()) if rejects.num_rows else Counter()
+    duplicates = reasons.pop("duplicate_pair", 0)
+    tokens = {}
+    for split in ("train", "eval"):
+        t = _count(out / split, ["prompt_tokens", "chosen_tokens", "rejected_tokens"])
+        tokens[split] = {c: int(pc.sum(t[c]).as_py() or 0) for c in t.column_names} if t.num_rows else {}
+    train, evals = _count(out / "train"), _count(out / "eval")
+    return {"kept": train + evals, "train": train, "eval": evals, "rejected": sum(reasons.values()),
+            "duplicates": duplicates, "rejected_by_reason": dict(sorted(reasons.items())), "tokens": tokens}
+
+
+def _move_parts(src: Path, dst: Path, prefix: str) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(sorted(src.rglob("*.parquet")) if src.is_dir() else []):
+        part.rename(dst / f"{prefix}-{i:05d}.parquet")
+
+
+def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path, files: tuple[str, ...] | None = None,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or skip, when the published fingerprint matches) the preparation; returns the manifest."""
+    import ray
+
+    out = Path(out_dir)
+    inputs = resolve_inputs(files if files is not None else cfg.data.train_files, cfg.data)
+    fingerprint = prepare_fingerprint(inputs, cfg, tokenizer_path)
+    existing = read_manifest(out)
+    if existing and existing.get("fingerprint") == fingerprint:
+        log(f"prepare: up to date ({out}), skipped")
+        return existing
+    t0 = time.perf_counter()
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers = max(1, min(len(inputs), int(ray.cluster_resources().get("CPU", 1))))
+    raw = ray.data.from_items([{"uri": f.uri, "format": f.format} for f in inputs], override_num_blocks=len(inputs))
+    rows = raw.map_batches(_read_files, batch_size=1).map_batches(
+        RowPreparer, fn_constructor_args=(tokenizer_path, cfg.data, cfg.model), batch_format="pyarrow",
+        batch_size=1024, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers), num_cpus=1)
+    rows.write_parquet(str(tmp / "stage"), partition_cols=["split"])
+    for split in ("train", "eval"):
+        stage = tmp / "stage" / f"split={split}"
+        if stage.is_dir():  # hive partitioning drops `split` from the files: mark_duplicates sets it again
+            kept = ray.data.read_parquet(str(stage), partitioning=None)
+            kept.repartition(max(1, workers * 4), keys=["pair_id"]).map_batches(
+                mark_duplicates, fn_args=(split,), batch_format="pyarrow", batch_size=None,
+            ).write_parquet(str(tmp / f"dedup-{split}"), partition_cols=["split"])
+    for split, sources in (("train", ["dedup-train/split=train"]), ("eval", ["dedup-eval/split=eval"]),
+                           ("rejects", ["stage/split=rejected", "dedup-train/split=rejected",
+                                        "dedup-eval/split=rejected"])):
+        for k, src in enumerate(sources):
+            _move_parts(tmp / src, tmp / split, f"part-{k}")
+    for scratch in ("stage", "dedup-train", "dedup-eval"):
+        shutil.rmtree(tmp / scratch, ignore_errors=True)
+    manifest = {"fingerprint": fingerprint, "inputs": [asdict(f) for f in inputs], "data": asdict(cfg.data),
+                "tokenizer_path": str(tokenizer_path), "created": time.time(), **_summarise(tmp)}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log(f"prepare: kept {manifest['kept']} ({manifest['train']} train / {manifest['eval']} eval), "
+        f"rejected {manifest['rejected']} {manifest['rejected_by_reason']}, duplicates {manifest['duplicates']}, "
+        f"tokens {manifest['tokens']} in {time.perf_counter() - t0:.1f} s -> {out}")
+    return manifest

@@ -1,0 +1,176 @@
+"""`ropo-ray cache`: reference log-probs computed once, by a Ray Data actor pool, into the shared cache.
+
+    prepared pairs -left-anti-join-> pairs the cache lacks -> sort by length
+      -> map_batches(RefLogpActor, concurrency=pool) with token-budget micro-batches
+      -> Parquet parts -> published into <cache_root>/<key>/ with a checked manifest
+
+A verified hit performs no reference forward at all; a grown dataset computes only its new pairs;
+a cache whose files no longer match its manifest is rebuilt, never trusted. Forwards are counted
+by a small Ray actor, so tests and the sweep can prove how many happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from ropo_ray.config.schema import Config, ModelConfig
+from ropo_ray.refcache.compute import pair_tokens, reference_logps
+from ropo_ray.refcache.store import (
+    CACHE_SCHEMA,
+    CacheCorrupt,
+    cache_key,
+    key_fields,
+    part_paths,
+    publish,
+    verify,
+)
+
+PAIR_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
+
+
+@ray.remote(num_cpus=0)
+class ForwardCounter:
+    """Counts reference forwards (model calls) and the pairs they scored, across the actor pool."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self.pairs = 0
+
+    def add(self, forwards: int, pairs: int) -> None:
+        self.forwards += forwards
+        self.pairs += pairs
+
+    def totals(self) -> dict[str, int]:
+        return {"forwards": self.forwards, "pairs": self.pairs}
+
+
+def token_budget_batches(rows: list[dict], token_budget: int) -> list[list[dict]]:
+    """Consecutive length-sorted rows packed so that rows x longest pair <= budget (at least one row)."""
+    batches: list[list[dict]] = []
+    current: list[dict] = []
+    longest = 0
+    for row in sorted(rows, key=pair_tokens):
+        longest_if_added = max(longest, pair_tokens(row))
+        if current and longest_if_added * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, longest_if_added = [], pair_tokens(row)
+        current.append(row)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+class RefLogpActor:
+    """Holds the reference model; scores batches of pairs (map_batches over an actor pool)."""
+
+    def __init__(self, model_dir: str, tokenizer_dir: str, model_cfg: ModelConfig, token_budget: int,
+                 counter: Any) -> None:
+        import torch
+
+        from ropo_ray.train.model_io import load_model, load_tokenizer
+
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.model = load_model(model_dir, model_cfg)
+        self.pad_id = load_tokenizer(tokenizer_dir, model_cfg).pad_token_id
+        self.token_budget = token_budget
+        self.counter = counter
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(PAIR_COLUMNS).to_pylist()
+        out = []
+        micro = token_budget_batches(rows, self.token_budget)
+        for chunk in micro:
+            for row, ref in zip(chunk, reference_logps(self.model, chunk, self.pad_id, batch_size=len(chunk))):
+                out.append({"pair_id": row["pair_id"], **ref})
+        ray.get(self.counter.add.remote(len(micro), len(rows)))
+        return pa.Table.from_pylist(out, schema=CACHE_SCHEMA)
+
+
+def _with_tokens(batch: pa.Table) -> pa.Table:
+    rows = batch.select(PAIR_COLUMNS).to_pylist()
+    return batch.select(PAIR_COLUMNS).append_column("pair_tokens", pa.array([pair_tokens(r) for r in rows],
+                                                                            pa.int32()))
+
+
+def cache_dir_for(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    fields = key_fields(model_dir, tokenizer_dir, cfg.data, cfg.model)
+    return Path(cfg.cache.root) / cache_key(fields), fields
+
+
+def _trusted_manifest(cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The verified manifest, or None (a corrupt cache is removed so it is rebuilt, never trusted)."""
+    if not cache_dir.exists():
+        return None
+    try:
+        return verify(cache_dir)
+    except CacheCorrupt as err:
+        log(f"cache: {err}; rebuilding {cache_dir}")
+        shutil.rmtree(cache_dir)
+        return None
+
+
+def _score(missing: ray.data.Dataset, cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, counter: Any,
+           cache_dir: Path) -> list[Path]:
+    """Reference log-probs of the missing pairs, written as uniquely named parts in a scratch folder."""
+    tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    missing.sort("pair_tokens").map_batches(
+        RefLogpActor, fn_constructor_args=(str(model_dir), str(tokenizer_dir), cfg.model, cfg.cache.token_budget,
+                                           counter),
+        batch_format="pyarrow", batch_size=cfg.cache.batch_rows,
+        compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors), num_cpus=cfg.cache.cpus_per_actor,
+    ).write_parquet(str(tmp))
+    parts = []
+    for part in sorted(tmp.glob("*.parquet")):
+        dst = part.with_name(f"part-{uuid.uuid4().hex}.parquet")
+        part.rename(dst)
+        parts.append(dst)
+    return parts
+
+
+def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, prepared_dir: str | Path,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Make sure every prepared pair has its reference log-probs in the cache; returns counts."""
+    t0 = time.perf_counter()
+    cache_dir, fields = cache_dir_for(cfg, model_dir, tokenizer_dir)
+    prepared = json.loads((Path(prepared_dir) / "manifest.json").read_text(encoding="utf-8"))
+    manifest = _trusted_manifest(cache_dir, log)
+    counter = ForwardCounter.remote()
+    if prepared["kept"] == 0:
+        raise ValueError(f"{prepared_dir}: the prepared data holds no pairs (see its rejects/)")
+    if manifest and prepared["fingerprint"] in manifest.get("covered", []):
+        total, n_missing = prepared["kept"], 0
+    else:
+        splits = [str(Path(prepared_dir) / s) for s in ("train", "eval")
+                  if any((Path(prepared_dir) / s).glob("*.parquet"))]
+        pairs = ray.data.read_parquet(splits, columns=PAIR_COLUMNS)
+        total = pairs.count()
+        missing = pairs
+        if manifest and manifest["parts"]:
+            known = ray.data.read_parquet(part_paths(cache_dir, manifest), columns=["pair_id"])
+            missing = pairs.join(known, join_type="left_anti", num_partitions=max(2, cfg.cache.num_actors * 2),
+                                 on=("pair_id",))
+        missing = missing.map_batches(_with_tokens, batch_format="pyarrow").materialize()
+        n_missing = missing.count()
+        parts = _score(missing, cfg, model_dir, tokenizer_dir, counter, cache_dir) if n_missing else []
+        manifest = publish(cache_dir, parts, fields, covered=prepared["fingerprint"])
+        if parts:
+            shutil.rmtree(parts[0].parent, ignore_errors=True)
+    counts = ray.get(counter.totals.remote())
+    summary = {"cache_dir": str(cache_dir), "key": cache_dir.name, "pairs": total, "computed": n_missing,
+               "reused": total - n_missing, "reference_forwards": counts["forwards"],
+               "scored_pairs": counts["pairs"], "cache_rows": manifest["rows"],
+               "seconds": time.perf_counter() - t0}
+    log(f"cache: {summary['reused']} of {total} pairs reused, {n_missing} computed with "
+        f"{counts['forwards']} reference forwards in {summary['seconds']:.1f} s -> {cache_dir}")
+    return summary
