@@ -4,9 +4,9 @@
     ray job submit --working-dir . -- python pipelines/ropo_full.py
 
 With no arguments it runs the embedded default (pipelines/configs/demo.yaml): the built-in task's
-tiny model is built here (no download), then RoPO trains on its preference pairs from the reference
-log-probs, and the merged policy is exported. Stages in this version run in one process; the Ray
-stages (Data preparation and cache, Train workers, Tune, vLLM evaluation) replace them one by one.
+tiny model is built here (no download); Ray Data prepares its preference pairs and computes the
+reference log-probs once into the shared cache; RoPO trains on them (one process in this version:
+Ray Train workers, Tune and the vLLM evaluation are the next stages), and the merged policy is exported.
 """
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ import sys
 from pathlib import Path
 
 from ropo_ray.config import load_config
-from ropo_ray.runs import StageTimer, attach_reference, export_run, read_pairs, resolve_model, set_threads, split_rows
+from ropo_ray.runs import (
+    StageTimer,
+    connect_ray,
+    export_run,
+    joined_rows,
+    resolve_model,
+    run_cache,
+    run_prepare,
+    set_threads,
+)
 from ropo_ray.train.local import train_local
 from ropo_ray.train.model_io import load_model, load_tokenizer
 
@@ -36,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with stage("reference model"):
         model_dir = resolve_model(cfg)
-        tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model)
-        model = load_model(model_dir, cfg.model)
-    with stage("prepare pairs"):
-        train_rows, eval_rows = split_rows(tokenizer, read_pairs(cfg, model_dir), cfg)
-        print(f"{len(train_rows)} train pairs, {len(eval_rows)} held-out pairs")
-    with stage("reference log-probs"):
-        train_rows = attach_reference(model, train_rows, tokenizer.pad_token_id)
-        eval_rows = attach_reference(model, eval_rows, tokenizer.pad_token_id)
+    connect_ray()
+    with stage("prepare pairs (Ray Data)"):
+        run_prepare(cfg, model_dir)
+    with stage("reference log-probs (Ray Data actor pool, cached)"):
+        cache = run_cache(cfg, model_dir)
+        train_rows, eval_rows = (joined_rows(cfg, cache["cache_dir"], split) for split in ("train", "eval"))
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model)
+    model = load_model(model_dir, cfg.model)
     with stage(f"train ({cfg.adapter.type}, {cfg.loss.type})"):
         result = train_local(model, train_rows, eval_rows, tokenizer.pad_token_id, cfg)
     with stage("export"):

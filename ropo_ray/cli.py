@@ -1,6 +1,8 @@
 """`ropo-ray`: the pipeline's stages as subcommands.
 
     ropo-ray demo-model [--config YAML] [section.key=value ...]   build the built-in task's SFT model
+    ropo-ray prepare    [--config YAML] [overrides ...]           Ray Data: validate + tokenise pairs
+    ropo-ray cache      [--config YAML] [overrides ...]           Ray Data: reference log-probs, cached
     ropo-ray show-config [--config YAML] [overrides ...]          print the effective configuration
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ropo_ray.config import Config, ConfigError, config_to_dict, load_config
+from ropo_ray.data.sources import InputError
 
 
 def cmd_show_config(cfg: Config) -> int:
@@ -29,9 +32,30 @@ def cmd_demo_model(cfg: Config) -> int:
     return 0
 
 
+def cmd_prepare(cfg: Config) -> int:
+    from ropo_ray.runs import connect_ray, resolve_model, run_prepare
+
+    model_dir = resolve_model(cfg)
+    connect_ray()
+    run_prepare(cfg, model_dir)
+    return 0
+
+
+def cmd_cache(cfg: Config) -> int:
+    from ropo_ray.runs import connect_ray, resolve_model, run_cache, run_prepare
+
+    model_dir = resolve_model(cfg)
+    connect_ray()
+    run_prepare(cfg, model_dir)  # a no-op when the prepared data is up to date
+    run_cache(cfg, model_dir)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config], int], str]] = {
     "show-config": (cmd_show_config, "print the effective configuration as YAML"),
     "demo-model": (cmd_demo_model, "build (or reuse) the built-in task's tokenizer and tiny SFT model"),
+    "prepare": (cmd_prepare, "validate, template and tokenise the preference pairs (Ray Data)"),
+    "cache": (cmd_cache, "compute the reference log-probs into the shared cache (Ray Data actor pool)"),
 }
 
 
@@ -49,10 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"ropo-ray: configuration error: {err}", file=sys.stderr)
+        return COMMANDS[args.command][0](cfg)
+    except (ConfigError, InputError) as err:
+        print(f"ropo-ray: {err}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command][0](cfg)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Shared wiring of a run's stages (single process for now): resolve the model, tokenise the pairs,
-attach reference log-probs, train, export. `pipelines/ropo_full.py` and `ropo-ray` both call these.
+"""Shared wiring of a run's stages: resolve the model, prepare the pairs and fill the reference cache
+(Ray Data), train, export. `pipelines/ropo_full.py` and `ropo-ray` both call these.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ropo_ray.adapters.registry import merge_adapter
-from ropo_ray.config import Config, ConfigError, save_config
-from ropo_ray.data.pairs import is_eval_pair, tokenize_rows
-from ropo_ray.refcache.compute import reference_logps
+from ropo_ray.config import Config, save_config
 from ropo_ray.train.model_io import save_model_folder
 
 Log = Callable[[str], None]
@@ -41,28 +39,64 @@ def resolve_model(cfg: Config, log: Log = print) -> Path:
     return demo_model_dir(cfg)
 
 
-def read_pairs(cfg: Config, model_dir: Path) -> list[dict]:
-    """Preference rows {prompt, chosen, rejected}: the built-in task's pairs when no files are configured."""
-    if cfg.data.train_files:
-        raise ConfigError("data.train_files: external datasets are read by the Ray Data preparation stage, "
-                          "which this version does not have yet; leave it empty for the built-in task")
-    path = model_dir / "task" / "pairs.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def tokenizer_dir(cfg: Config, model_dir: Path) -> Path:
+    return Path(cfg.model.tokenizer_path) if cfg.model.tokenizer_path else model_dir
 
 
-def split_rows(tokenizer: Any, pairs: list[dict], cfg: Config, log: Log = print) -> tuple[list[dict], list[dict]]:
-    """Tokenise and split by pair_id into (train, eval)."""
-    rows, rejects = tokenize_rows(tokenizer, pairs, cfg.data)
-    if rejects:
-        log(f"rejected {len(rejects)} of {len(pairs)} pairs: {rejects[0]['detail']} ...")
-    train = [r for r in rows if not is_eval_pair(r["pair_id"], cfg.data.eval_fraction)]
-    evals = [r for r in rows if is_eval_pair(r["pair_id"], cfg.data.eval_fraction)]
-    return train, evals
+def input_files(cfg: Config, model_dir: Path) -> tuple[str, ...]:
+    """The preference files: the configured ones, or the built-in task's pairs."""
+    return cfg.data.train_files or (str(model_dir / "task" / "pairs.jsonl"),)
 
 
-def attach_reference(model: nn.Module, rows: list[dict], pad_id: int) -> list[dict]:
-    """Rows joined with their reference log-probs (computed here with the frozen reference model)."""
-    return [{**row, **ref} for row, ref in zip(rows, reference_logps(model, rows, pad_id))]
+def prepared_dir(cfg: Config) -> Path:
+    return Path(cfg.pipeline.run_dir) / "data"
+
+
+def connect_ray(log: Log = print) -> None:
+    """Join the Ray cluster named by RAY_ADDRESS (a job's cluster); start a local one only when there is none.
+
+    A local Ray started here binds its dashboard to 127.0.0.1.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        log(f"ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
+        return
+    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    log(f"ray: started a local cluster; dashboard at http://{context.dashboard_url}")
+
+
+def run_prepare(cfg: Config, model_dir: Path, log: Log = print) -> dict[str, Any]:
+    """The Ray Data preparation of the configured (or built-in) pairs into <run>/data."""
+    from ropo_ray.data.prepare import prepare
+
+    return prepare(cfg, str(tokenizer_dir(cfg, model_dir)), prepared_dir(cfg), input_files(cfg, model_dir), log=log)
+
+
+def run_cache(cfg: Config, model_dir: Path, log: Log = print) -> dict[str, Any]:
+    """Reference log-probs of every prepared pair, into the shared cache (a hit costs no forward)."""
+    from ropo_ray.refcache.stage import build_cache
+
+    return build_cache(cfg, model_dir, tokenizer_dir(cfg, model_dir), prepared_dir(cfg), log=log)
+
+
+def joined_rows(cfg: Config, cache_dir: str | Path, split: str) -> list[dict]:
+    """Prepared rows of `split` joined with their cached reference log-probs by pair_id (one process)."""
+    import pyarrow.dataset as pads
+
+    from ropo_ray.refcache.store import read_entries
+
+    cache = {r["pair_id"]: r for r in read_entries(cache_dir).to_pylist()}
+    columns = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
+    rows = pads.dataset(str(prepared_dir(cfg) / split), format="parquet").to_table(columns=columns).to_pylist()
+    missing = [r["pair_id"] for r in rows if r["pair_id"] not in cache]
+    if missing:
+        raise ValueError(f"{len(missing)} {split} pairs have no cached reference log-probs (first: {missing[0]}); "
+                         "run the cache stage")
+    return [{**r, **cache[r["pair_id"]]} for r in rows]
 
 
 def export_run(model: nn.Module, tokenizer: Any, cfg: Config, out_dir: Path, summary: dict) -> Path:

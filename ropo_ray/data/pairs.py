@@ -58,18 +58,3 @@ def is_eval_pair(pid: str, eval_fraction: float) -> bool:
     """Deterministic split by pair_id: the same pair is held out in every run and on every machine."""
     return int(pid[:8], 16) / 0x1_0000_0000 < eval_fraction
 
-
-def tokenize_rows(tokenizer: Any, rows: list[dict], cfg: DataConfig) -> tuple[list[dict], list[dict]]:
-    """Tokenise {prompt, chosen, rejected} string rows; returns (kept, rejected-with-reason).
-
-    The single-process path (the built-in task's clean pairs); Ray Data preparation validates
-    arbitrary input with the same per-row function.
-    """
-    kept, rejects = [], []
-    for index, row in enumerate(rows):
-        try:
-            messages = [{"role": "user", "content": row["prompt"]}]
-            kept.append(tokenize_pair(tokenizer, messages, row["chosen"], row["rejected"], cfg))
-        except PairTooLong as err:
-            rejects.append({"row": index, "reason": "too_long", "detail": str(err)})
-    return kept, rejects

@@ -1,0 +1,52 @@
+"""RoPO trains on prepared + cached pairs: the held-out DPO loss starts at ln 2 and falls, accuracy rises."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ropo_ray.config import load_config
+from ropo_ray.data.prepare import prepare
+from ropo_ray.refcache.stage import build_cache
+from ropo_ray.runs import export_run, joined_rows
+from ropo_ray.train.local import train_local
+from ropo_ray.train.model_io import load_model, load_tokenizer
+from ropo_ray.train.step import evaluate_pairs
+
+
+@pytest.fixture(scope="module")
+def run_cfg(ray_local, tiny_assets, tmp_path_factory):
+    """A preference every pair shares (a polite answer beats a rude one), so held-out pairs can be learnt."""
+    root = tmp_path_factory.mktemp("run")
+    rows = [{"prompt": f"Question number {i}: what is {i} + {i % 7}?", "chosen": "Thank you, happy to help.",
+             "rejected": "No. Go away."} for i in range(240)]
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = load_config(None, [
+        f"pipeline.run_dir={root}", f"cache.root={root}/cache", f"data.train_files=[{root}/pairs.jsonl]",
+        "data.eval_fraction=0.2", "train.lr=0.03", "train.epochs=2", "train.micro_batch_size=16",
+        "train.eval_every=10", "loss.beta=0.5", "adapter.block_sizes=[2,4,8]",
+    ])
+    prepare(cfg, str(tiny_assets), root / "data", cfg.data.train_files)
+    cache = build_cache(cfg, tiny_assets, tiny_assets, root / "data")
+    return cfg, cache
+
+
+def test_loss_starts_at_ln2_and_falls(run_cfg, tiny_assets, tmp_path):
+    cfg, cache = run_cfg
+    train, evals = joined_rows(cfg, cache["cache_dir"], "train"), joined_rows(cfg, cache["cache_dir"], "eval")
+    tokenizer = load_tokenizer(tiny_assets, cfg.model)
+    result = train_local(load_model(tiny_assets, cfg.model), train, evals, tokenizer.pad_token_id, cfg,
+                         log=lambda s: None)
+    s = result.summary
+    assert abs(s["start_eval_loss"] - math.log(2)) <= 1e-5  # policy == reference at step 0
+    assert s["final_eval_loss"] < math.log(2) - 0.1
+    assert s["final_eval_accuracy"] >= 0.9 > s["start_eval_accuracy"]
+    assert max(h.get("orthogonality_error", 0.0) for h in result.history) < 1e-5
+
+    out = export_run(result.model, tokenizer, cfg, tmp_path / "export", s)
+    assert (out / "merged" / "config.json").is_file() and (out / "adapter.safetensors").is_file()
+    merged = load_model(out / "merged", cfg.model)
+    again = evaluate_pairs(merged, evals, tokenizer.pad_token_id, cfg.loss)
+    assert abs(again["eval/loss"] - s["final_eval_loss"]) < 1e-4  # the exported weights are the trained policy
