@@ -1,0 +1,123 @@
+"""Reference-logprob cache build: ropo-ray's Ray Data actor pool vs a plain single-process HF loop.
+
+    python benchmarks/bench_refcache.py [--pairs 4800] [--repeats 3] [--out benchmarks/results/refcache.json]
+
+Both sides score the same prepared pairs with the same model (the built-in task's SFT model, built or
+reused under artifacts/) and produce the same numbers; they run one after the other in each repeat,
+so the ratio compares like with like on a noisy machine. Reported: medians of pairs/s, their ratio,
+and the padding fraction of the batches each side ran (padding tokens / tokens computed).
+
+The baseline is what a training script does without a cache stage: batches of `--batch` pairs in
+file order, each pair's chosen and rejected padded to the batch's longest sequence, one forward per
+batch. ropo-ray sorts by length and packs micro-batches by token budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ropo_ray.config import load_config
+from ropo_ray.refcache.compute import pair_tokens
+from ropo_ray.refcache.stage import build_cache, token_budget_batches
+from ropo_ray.runs import connect_ray, resolve_model, run_prepare
+from ropo_ray.train.logprobs import collate_pairs, concatenated_forward
+from ropo_ray.train.model_io import load_model, load_tokenizer
+
+
+def padding_fraction(batches: list[list[dict]]) -> float:
+    """1 - real tokens / computed tokens, for [2B, T] batches padded to their longest sequence."""
+    real = computed = 0
+    for rows in batches:
+        lengths = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
+        real += sum(lengths)
+        computed += len(lengths) * max(lengths)
+    return 1.0 - real / computed
+
+
+@torch.no_grad()
+def plain_loop(model, rows: list[dict], pad_id: int, batch: int) -> float:
+    """Seconds to score every row in file order, fixed-size batches (no cache stage, no bucketing)."""
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        concatenated_forward(model, collate_pairs([r["prompt_ids"] for r in chunk], [r["chosen_ids"] for r in chunk],
+                                                  [r["rejected_ids"] for r in chunk], pad_id))
+    return time.perf_counter() - t0
+
+
+def write_pairs(model_dir: Path, out: Path, count: int) -> None:
+    """`count` pairs: the built-in task's pairs, repeated with a numbered prefix so every pair is new."""
+    base = [json.loads(x) for x in (model_dir / "task" / "pairs.jsonl").read_text().splitlines() if x.strip()]
+    with out.open("w") as f:
+        for i in range(count):
+            row = base[i % len(base)]
+            f.write(json.dumps({**row, "prompt": f"({i // len(base)}) {row['prompt']}"}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=4800)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/refcache.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-refcache-"))
+    cfg = load_config(None, [f"pipeline.run_dir={work}/run", f"data.train_files=[{work}/pairs.jsonl]",
+                             "data.eval_fraction=0.0"])
+    model_dir = resolve_model(cfg)
+    write_pairs(model_dir, work / "pairs.jsonl", args.pairs)
+    connect_ray()
+    run_prepare(cfg, model_dir)
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(str(work / "run" / "data" / "train"), format="parquet").to_table().to_pylist()
+    model, tokenizer = load_model(model_dir, cfg.model), load_tokenizer(model_dir, cfg.model)
+    torch.set_num_threads(2)
+    variants = {"actors=1 x 2 CPU": ["cache.num_actors=1", "cache.cpus_per_actor=2"],
+                "actors=2 x 1 CPU": ["cache.num_actors=2", "cache.cpus_per_actor=1"]}
+    results: dict[str, list[float]] = {"plain HF loop": [], **{k: [] for k in variants}}
+    for _ in range(args.repeats):
+        results["plain HF loop"].append(len(rows) / plain_loop(model, rows, tokenizer.pad_token_id, args.batch))
+        for name, overrides in variants.items():
+            root = work / "cache"
+            shutil.rmtree(root, ignore_errors=True)
+            vcfg = load_config(None, [f"pipeline.run_dir={work}/run", f"cache.root={root}", *overrides,
+                                      f"data.train_files=[{work}/pairs.jsonl]", "data.eval_fraction=0.0"])
+            summary = build_cache(vcfg, model_dir, model_dir, work / "run" / "data", log=lambda s: None)
+            results[name].append(summary["pairs"] / summary["seconds"])
+    medians = {k: statistics.median(v) for k, v in results.items()}
+    budget = load_config().cache.token_budget
+    report = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
+                    "cpu": subprocess.run(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+                                          capture_output=True, text=True).stdout.strip()},
+        "pairs": len(rows), "repeats": args.repeats, "pairs_per_s": results, "median_pairs_per_s": medians,
+        "ratio_vs_plain": {k: medians[k] / medians["plain HF loop"] for k in variants},
+        "padding_fraction": {
+            f"plain, file order, batch {args.batch}": padding_fraction(
+                [rows[i:i + args.batch] for i in range(0, len(rows), args.batch)]),
+            f"ropo-ray, length-sorted, token budget {budget}": padding_fraction(
+                token_budget_batches(sorted(rows, key=pair_tokens), budget)),
+        },
+        "note": "cache pairs/s include Ray Data start-up of the actor pool (model load), as a user pays it",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
