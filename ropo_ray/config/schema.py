@@ -254,9 +254,39 @@ class TrainConfig:
     """Evaluate on the held-out pairs every N optimizer steps (and at the end)."""
     seed: int = 0
     """Seed of data order and adapter init."""
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks, one DeepSpeed engine each)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; its torch threads follow it."""
+    use_gpu: bool = False
+    """One GPU per worker (GPU clusters); off here."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: auto is nccl with GPUs, gloo without."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 0-3."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer states in CPU memory (stages 1-3)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision (bf16 keeps fp32 master weights)."""
+    deepspeed_config: str = ""
+    """A DeepSpeed JSON file honoured as given; "auto" values in it are filled from these settings."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass (works with only the adapters trainable)."""
+    checkpoint_every: int = 50
+    """Save a Ray Train checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (the newest)."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint after a lost worker."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")

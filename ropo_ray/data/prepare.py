@@ -128,7 +128,8 @@ def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path, files: tuple[
     t0 = time.perf_counter()
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    workers = max(1, min(len(inputs), int(ray.cluster_resources().get("CPU", 1))))
+    # tokenizer actors, leaving a CPU for the read and write tasks that feed and drain them
+    workers = max(1, min(len(inputs), int(ray.cluster_resources().get("CPU", 1)) - 1))
     raw = ray.data.from_items([{"uri": f.uri, "format": f.format} for f in inputs], override_num_blocks=len(inputs))
     rows = raw.map_batches(_read_files, batch_size=1).map_batches(
         RowPreparer, fn_constructor_args=(tokenizer_path, cfg.data, cfg.model), batch_format="pyarrow",

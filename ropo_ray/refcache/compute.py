@@ -14,9 +14,9 @@ from torch import nn
 from ropo_ray.train.logprobs import collate_pairs, concatenated_forward
 
 
-def pair_tokens(row: dict) -> int:
-    """Tokens of a pair's concatenated forward (prompt counted twice)."""
-    return 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+def pair_width(row: dict) -> int:
+    """Length of a pair's longer sequence: in the concatenated [2B, T] batch the pair occupies 2 x width."""
+    return len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def reference_logps(model: nn.Module, rows: Sequence[dict], pad_id: int, batch_s
                     ) -> list[dict[str, float]]:
     """For each row (prompt_ids, chosen_ids, rejected_ids), in input order:
     ref_chosen_logps, ref_rejected_logps (fp32 sums) and the completion token counts."""
-    order = sorted(range(len(rows)), key=lambda i: pair_tokens(rows[i]))
+    order = sorted(range(len(rows)), key=lambda i: pair_width(rows[i]))
     out: list[dict[str, float]] = [{} for _ in rows]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]

@@ -24,7 +24,7 @@ import pyarrow as pa
 import ray
 
 from ropo_ray.config.schema import Config, ModelConfig
-from ropo_ray.refcache.compute import pair_tokens, reference_logps
+from ropo_ray.refcache.compute import pair_width, reference_logps
 from ropo_ray.refcache.store import (
     CACHE_SCHEMA,
     CacheCorrupt,
@@ -45,27 +45,30 @@ class ForwardCounter:
     def __init__(self) -> None:
         self.forwards = 0
         self.pairs = 0
+        self.seconds = 0.0
 
-    def add(self, forwards: int, pairs: int) -> None:
+    def add(self, forwards: int, pairs: int, seconds: float) -> None:
         self.forwards += forwards
         self.pairs += pairs
+        self.seconds += seconds
 
-    def totals(self) -> dict[str, int]:
-        return {"forwards": self.forwards, "pairs": self.pairs}
+    def totals(self) -> dict[str, float]:
+        return {"forwards": self.forwards, "pairs": self.pairs, "seconds": self.seconds}
 
 
 def token_budget_batches(rows: list[dict], token_budget: int) -> list[list[dict]]:
-    """Consecutive length-sorted rows packed so that rows x longest pair <= budget (at least one row)."""
+    """Length-sorted rows packed so each [2B, T] forward holds at most `token_budget` tokens, padding
+    included (2 x rows x the longest sequence); at least one row per batch."""
     batches: list[list[dict]] = []
     current: list[dict] = []
-    longest = 0
-    for row in sorted(rows, key=pair_tokens):
-        longest_if_added = max(longest, pair_tokens(row))
-        if current and longest_if_added * (len(current) + 1) > token_budget:
+    width = 0
+    for row in sorted(rows, key=pair_width):
+        grown = max(width, pair_width(row))
+        if current and 2 * grown * (len(current) + 1) > token_budget:
             batches.append(current)
-            current, longest_if_added = [], pair_tokens(row)
+            current, grown = [], pair_width(row)
         current.append(row)
-        longest = longest_if_added
+        width = grown
     if current:
         batches.append(current)
     return batches
@@ -87,20 +90,21 @@ class RefLogpActor:
         self.counter = counter
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
         rows = batch.select(PAIR_COLUMNS).to_pylist()
         out = []
         micro = token_budget_batches(rows, self.token_budget)
         for chunk in micro:
             for row, ref in zip(chunk, reference_logps(self.model, chunk, self.pad_id, batch_size=len(chunk))):
                 out.append({"pair_id": row["pair_id"], **ref})
-        ray.get(self.counter.add.remote(len(micro), len(rows)))
+        ray.get(self.counter.add.remote(len(micro), len(rows), time.perf_counter() - t0))
         return pa.Table.from_pylist(out, schema=CACHE_SCHEMA)
 
 
 def _with_tokens(batch: pa.Table) -> pa.Table:
     rows = batch.select(PAIR_COLUMNS).to_pylist()
-    return batch.select(PAIR_COLUMNS).append_column("pair_tokens", pa.array([pair_tokens(r) for r in rows],
-                                                                            pa.int32()))
+    return batch.select(PAIR_COLUMNS).append_column("pair_width", pa.array([pair_width(r) for r in rows],
+                                                                           pa.int32()))
 
 
 def cache_dir_for(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -121,20 +125,35 @@ def _trusted_manifest(cache_dir: Path, log: Callable[[str], None]) -> dict[str, 
 
 
 def _score(missing: ray.data.Dataset, cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, counter: Any,
-           cache_dir: Path) -> list[Path]:
-    """Reference log-probs of the missing pairs, written as uniquely named parts in a scratch folder."""
+           cache_dir: Path, rows_per_part: int = 200_000) -> list[Path]:
+    """Reference log-probs of the missing pairs, written as uniquely named parts in a scratch folder.
+
+    The input is sorted and materialised first and the driver consumes the actors' output, so the
+    actor pool may hold every CPU (no read, sort or write task has to wait for one).
+    """
+    import pyarrow.parquet as pq
+
     tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    missing.sort("pair_tokens").map_batches(
+    tmp.mkdir(parents=True)
+    # blocks of batch_rows rows, so every actor of the pool gets work (a sort can leave one big block)
+    ordered = missing.sort("pair_width").repartition(target_num_rows_per_block=cfg.cache.batch_rows).materialize()
+    scored = ordered.map_batches(
         RefLogpActor, fn_constructor_args=(str(model_dir), str(tokenizer_dir), cfg.model, cfg.cache.token_budget,
                                            counter),
         batch_format="pyarrow", batch_size=cfg.cache.batch_rows,
-        compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors), num_cpus=cfg.cache.cpus_per_actor,
-    ).write_parquet(str(tmp))
-    parts = []
-    for part in sorted(tmp.glob("*.parquet")):
-        dst = part.with_name(f"part-{uuid.uuid4().hex}.parquet")
-        part.rename(dst)
-        parts.append(dst)
+        compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors), num_cpus=cfg.cache.cpus_per_actor)
+    parts: list[Path] = []
+    writer, written = None, 0
+    for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if writer is None or written >= rows_per_part:
+            if writer is not None:
+                writer.close()
+            parts.append(tmp / f"part-{uuid.uuid4().hex}.parquet")
+            writer, written = pq.ParquetWriter(str(parts[-1]), CACHE_SCHEMA), 0
+        writer.write_table(table.cast(CACHE_SCHEMA))
+        written += table.num_rows
+    if writer is not None:
+        writer.close()
     return parts
 
 
@@ -169,7 +188,7 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
     counts = ray.get(counter.totals.remote())
     summary = {"cache_dir": str(cache_dir), "key": cache_dir.name, "pairs": total, "computed": n_missing,
                "reused": total - n_missing, "reference_forwards": counts["forwards"],
-               "scored_pairs": counts["pairs"], "cache_rows": manifest["rows"],
+               "scored_pairs": counts["pairs"], "actor_seconds": counts["seconds"], "cache_rows": manifest["rows"],
                "seconds": time.perf_counter() - t0}
     log(f"cache: {summary['reused']} of {total} pairs reused, {n_missing} computed with "
         f"{counts['forwards']} reference forwards in {summary['seconds']:.1f} s -> {cache_dir}")

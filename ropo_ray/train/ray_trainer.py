@@ -1,0 +1,92 @@
+"""`ropo-ray train`: a Ray Train TorchTrainer of DeepSpeed workers over prepared pairs joined with the cache.
+
+The driver joins the prepared pairs with the cached reference log-probs (Ray Data, by pair_id),
+sizes the run, and fits a TorchTrainer whose workers run `ropo_ray.train.worker`. Checkpoints live
+under <run_dir>/ray/<name>; running the same run again resumes from its latest checkpoint, and
+FailureConfig restarts a group that lost a worker from there. The final checkpoint carries the
+export (merged HF folder + adapter weights + config), copied to <run_dir>/model.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ropo_ray.config.schema import Config
+from ropo_ray.refcache.store import part_paths, verify
+from ropo_ray.train.model_io import load_tokenizer
+from ropo_ray.train.worker import train_loop_per_worker
+
+PAIR_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
+REF_COLUMNS = ["pair_id", "ref_chosen_logps", "ref_rejected_logps"]
+
+
+def joined_dataset(prepared: Path, cache_dir: Path, split: str, partitions: int) -> tuple[ray.data.Dataset, int]:
+    """Prepared pairs of `split` joined with the cache by pair_id (materialised), and the row count.
+
+    A pair without a cache entry is an error, never silently dropped from training.
+    """
+    parts = sorted((prepared / split).glob("*.parquet"))
+    if not parts:
+        return ray.data.from_items([]), 0
+    pairs = ray.data.read_parquet([str(p) for p in parts], columns=PAIR_COLUMNS)
+    cache = ray.data.read_parquet(part_paths(cache_dir, verify(cache_dir)), columns=REF_COLUMNS)
+    joined = pairs.join(cache, join_type="inner", num_partitions=partitions, on=("pair_id",)).materialize()
+    expected, found = pairs.count(), joined.count()
+    if found != expected:
+        raise ValueError(f"{expected - found} of {expected} {split} pairs have no cached reference log-probs "
+                         f"in {cache_dir}; run the cache stage")
+    return joined, found
+
+
+def total_steps(rows: int, cfg: Config) -> int:
+    """Optimizer steps every worker takes: equal shards of rows // workers, micro-batches accumulated
+    across epoch boundaries, capped by train.max_steps."""
+    tc = cfg.train
+    per_worker = rows // tc.num_workers
+    if per_worker == 0:
+        raise ValueError(f"{rows} training pairs cannot be split over train.num_workers={tc.num_workers}")
+    steps = (tc.epochs * math.ceil(per_worker / tc.micro_batch_size)) // tc.grad_accum_steps
+    return max(1, min(steps, tc.max_steps) if tc.max_steps else steps)
+
+
+def train_ray(cfg: Config, model_dir: Path, cache_dir: Path, prepared: Path, run_dir: Path, name: str = "train",
+              log: Callable[[str], None] = print, callbacks: list[Any] | None = None) -> Any:
+    """Fit the TorchTrainer (resuming a run of the same name) and copy its export to run_dir/model."""
+    tc = cfg.train
+    train_ds, n_train = joined_dataset(prepared, cache_dir, "train", max(2, tc.num_workers))
+    eval_ds, n_eval = joined_dataset(prepared, cache_dir, "eval", max(2, tc.num_workers))
+    steps = total_steps(n_train, cfg)
+    pad_id = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model).pad_token_id
+    backend = tc.backend if tc.backend != "auto" else ("nccl" if tc.use_gpu else "gloo")
+    storage = (run_dir / "ray").resolve()
+    log(f"train: {n_train} pairs ({n_eval} held out), {tc.num_workers} workers x {tc.micro_batch_size} pairs, "
+        f"ZeRO-{tc.zero_stage}, {backend}, {steps} steps; checkpoints in {storage / name}")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "model_dir": str(model_dir.resolve()), "pad_id": pad_id,
+                           "total_steps": steps, "tensorboard_dir": str((run_dir / "tensorboard").resolve())},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        torch_config=TorchConfig(backend=backend),
+        datasets={"train": train_ds, "eval": eval_ds},
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=tc.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            if (Path(folder) / "export").is_dir():
+                target = run_dir / "model"
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(Path(folder) / "export", target)
+                log(f"train: merged model and adapter weights in {target}")
+    return result

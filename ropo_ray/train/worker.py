@@ -1,0 +1,229 @@
+"""The per-worker loop under Ray Train: one DeepSpeed engine per worker, reading only its argument.
+
+Each worker streams its shard of the prepared pairs joined with the cached reference log-probs
+(no reference model is loaded), runs the torch-only step (`ropo_ray.train.step`) through the engine,
+reports rank-averaged metrics, evaluates the held-out shard, and checkpoints the trainable parameters
+with the optimizer and scheduler state plus its data position, so a restarted group resumes there.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ropo_ray.adapters.inject import ropo_layers
+from ropo_ray.adapters.registry import attach_adapter
+from ropo_ray.config.schema import Config
+from ropo_ray.train.ds_config import deepspeed_config
+from ropo_ray.train.model_io import load_model
+from ropo_ray.train.schedule import warmup_cosine_scheduler
+from ropo_ray.train.step import evaluate_pairs, make_batch, preference_step
+
+ENGINE_TAG = "engine"
+STATE_FILE = "train_state.json"
+
+
+EVAL_KEYS = ("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/accuracies",
+             "eval/rewards/margins", "eval/logps/chosen", "eval/logps/rejected")
+
+
+def _mean_across_ranks(values: dict[str, float], weight: float = 1.0) -> dict[str, float]:
+    """Weighted mean of each metric over all ranks (weight = rows behind this rank's values).
+    Every rank must pass the same keys: the all-reduce lines them up by position."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    total = float(t[-1])
+    return {k: float(t[i]) / total if total else float("nan") for i, k in enumerate(keys)}
+
+
+def _evaluate(engine: Any, eval_shard: Any, pad_id: int, cfg: Config) -> dict[str, float]:
+    rows = [r for batch in eval_shard.iter_batches(batch_size=256, batch_format="pyarrow") for r in batch.to_pylist()]
+    local = evaluate_pairs(engine.module, rows, pad_id, cfg.loss) if rows else {}
+    # a rank with no held-out rows still joins the all-reduce, with weight 0
+    return _mean_across_ranks({k: local.get(k, 0.0) for k in EVAL_KEYS}, float(len(rows)))
+
+
+def _save(engine: Any, state: dict[str, Any], metrics: dict[str, float], export: dict[str, Any] | None = None
+          ) -> None:
+    """Every rank saves its part (rank 0 the module's trainable weights, each rank its optimizer shard);
+    with `export` (the final checkpoint) rank 0 adds the merged model."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=ENGINE_TAG, exclude_frozen_parameters=True)
+        if ray.train.get_context().get_world_rank() == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+        if export is not None:
+            _export(engine, export, Path(tmp))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(engine: Any) -> dict[str, Any]:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag=ENGINE_TAG, load_module_strict=False)
+        return json.loads((Path(folder) / STATE_FILE).read_text(encoding="utf-8"))
+
+
+@dataclass
+class _Run:
+    """What one worker's loop carries between steps."""
+
+    engine: Any
+    cfg: Config
+    pad_id: int
+    total_steps: int
+    world: int
+    eval_shard: Any
+    writer: Any
+    state: dict[str, Any]
+    t0: float = field(default_factory=time.perf_counter)
+    pairs: int = 0
+    tokens: int = 0
+    totals: dict[str, float] = field(default_factory=dict)
+    last_record: dict[str, float] = field(default_factory=dict)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: cfg (Config), model_dir, pad_id, total_steps, tensorboard_dir."""
+    import deepspeed
+    import ray.train
+
+    cfg: Config = config["cfg"]
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    torch.manual_seed(tc.seed)
+    model = attach_adapter(load_model(config["model_dir"], cfg.model), cfg.adapter)
+    if tc.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ds_cfg = deepspeed_config(tc, ctx.get_world_size())
+    scheduler = None if "scheduler" in ds_cfg else (
+        lambda opt: warmup_cosine_scheduler(opt, config["total_steps"], tc.warmup_ratio))
+    engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, lr_scheduler=scheduler,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    run = _Run(engine, cfg, config["pad_id"], config["total_steps"], ctx.get_world_size(),
+               ray.train.get_dataset_shard("eval"), _tensorboard(config.get("tensorboard_dir"), ctx.get_world_rank()),
+               _restore(engine))
+    train_shard = ray.train.get_dataset_shard("train")
+    if run.state["step"] == 0:  # the step-0 policy is the reference: held-out DPO loss ln 2
+        ray.train.report({"step": 0, **_evaluate(engine, run.eval_shard, run.pad_id, cfg)})
+    while run.state["epoch"] < tc.epochs and run.state["step"] < run.total_steps:
+        _train_epoch(run, train_shard)
+        if run.state["step"] < run.total_steps:
+            run.state["epoch"], run.state["batches_in_epoch"] = run.state["epoch"] + 1, 0
+    record = {**run.last_record, "step": run.state["step"], **_evaluate(engine, run.eval_shard, run.pad_id, cfg)}
+    _log(run.writer, record)
+    _save(engine, run.state, record, export=config)
+
+
+def _export(engine: Any, config: dict[str, Any], folder: Path) -> None:
+    """Rank 0 writes the merged model and adapter weights into the final checkpoint.
+
+    Only the trainable parameters are gathered (one at a time under ZeRO-3); the frozen base comes
+    from the model folder on disk, so no rank ever holds the whole sharded model.
+    """
+    import deepspeed
+    import ray.train
+
+    from ropo_ray.runs import export_run
+    from ropo_ray.train.model_io import load_tokenizer
+
+    cfg: Config = config["cfg"]
+    trainable = {}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param], enabled=cfg.train.zero_stage == 3):
+                trainable[name] = param.detach().cpu().clone()
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    fresh = attach_adapter(load_model(config["model_dir"], cfg.model), cfg.adapter)
+    missing = set(trainable) - set(dict(fresh.named_parameters()))
+    if missing:
+        raise RuntimeError(f"export: trained parameters not found in a fresh adapted model: {sorted(missing)[:3]}")
+    fresh.load_state_dict(trainable, strict=False)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or config["model_dir"], cfg.model)
+    export_run(fresh, tokenizer, cfg, folder / "export", {"step": config["total_steps"]})
+
+
+def _train_epoch(run: _Run, train_shard: Any) -> None:
+    """One pass over this worker's shard (from the saved position when resuming), until total_steps."""
+    import ray.train
+
+    tc = run.cfg.train
+    batches = train_shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="pyarrow",
+                                       local_shuffle_buffer_size=4 * tc.micro_batch_size,
+                                       local_shuffle_seed=tc.seed + run.state["epoch"])
+    for index, table in enumerate(batches):
+        if index < run.state["batches_in_epoch"]:
+            continue  # consumed before the checkpoint this run resumed from
+        batch = make_batch(table.to_pylist(), run.pad_id)
+        loss, metrics = preference_step(run.engine, batch, run.cfg.loss)
+        run.engine.backward(loss)
+        boundary = run.engine.is_gradient_accumulation_boundary()
+        run.engine.step()
+        run.state["batches_in_epoch"] = index + 1
+        run.pairs += table.num_rows
+        run.tokens += int(batch["attention_mask"].sum())
+        for k, v in metrics.items():
+            run.totals[k] = run.totals.get(k, 0.0) + v / tc.grad_accum_steps
+        if not boundary:
+            continue
+        run.state["step"] += 1
+        run.last_record = _step_record(run)
+        if run.state["step"] >= run.total_steps:
+            return  # the final evaluation, checkpoint and export follow the loop
+        step, record = run.state["step"], run.last_record
+        if step % tc.eval_every == 0:
+            record.update(_evaluate(run.engine, run.eval_shard, run.pad_id, run.cfg))
+        _log(run.writer, record)
+        if step % tc.checkpoint_every == 0:
+            _save(run.engine, run.state, record)
+        elif step % tc.log_every == 0 or "eval/loss" in record:
+            ray.train.report(record)
+
+
+def _step_record(run: _Run) -> dict[str, float]:
+    record = _mean_across_ranks(run.totals)
+    run.totals = {}
+    elapsed = time.perf_counter() - run.t0
+    grad_norm = run.engine.get_global_grad_norm()
+    record.update({
+        "step": run.state["step"], "epoch": run.state["epoch"], "lr": run.engine.get_lr()[0],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "pairs_per_s": run.world * run.pairs / elapsed, "tokens_per_s": run.world * run.tokens / elapsed,
+        "orthogonality_error": max((m.orthogonality_error() for m in ropo_layers(run.engine.module).values()),
+                                   default=0.0),
+    })
+    return record
+
+
+def _tensorboard(folder: str | None, rank: int) -> Any:
+    if not folder or rank != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(folder)
+
+
+def _log(writer: Any, record: dict[str, float]) -> None:
+    if writer is None:
+        return
+    for key, value in record.items():
+        if key != "step":
+            writer.add_scalar(key, value, int(record["step"]))
+    writer.flush()
