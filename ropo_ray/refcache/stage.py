@@ -172,11 +172,11 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
     else:
         splits = [str(Path(prepared_dir) / s) for s in ("train", "eval")
                   if any((Path(prepared_dir) / s).glob("*.parquet"))]
-        pairs = ray.data.read_parquet(splits, columns=PAIR_COLUMNS)
+        pairs = ray.data.read_parquet(splits).select_columns(PAIR_COLUMNS)
         total = pairs.count()
         missing = pairs
         if manifest and manifest["parts"]:
-            known = ray.data.read_parquet(part_paths(cache_dir, manifest), columns=["pair_id"])
+            known = ray.data.read_parquet(part_paths(cache_dir, manifest)).select_columns(["pair_id"])
             missing = pairs.join(known, join_type="left_anti", num_partitions=max(2, cfg.cache.num_actors * 2),
                                  on=("pair_id",))
         missing = missing.map_batches(_with_tokens, batch_format="pyarrow").materialize()

@@ -9,14 +9,16 @@ export (merged HF folder + adapter weights + config), copied to <run_dir>/model.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ropo_ray.config.schema import Config
@@ -28,6 +30,28 @@ PAIR_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
 REF_COLUMNS = ["pair_id", "ref_chosen_logps", "ref_rejected_logps"]
 
 
+class MetricsLog(UserCallback):
+    """Appends rank 0's reported metrics to a JSON-lines file (Ray Train V2 keeps no metric history).
+
+    Runs in the Ray Train controller; the file is the run's training curve for reports and tests.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        record = {**metrics[0], "time": time.time(), "checkpoint": checkpoint.path if checkpoint else None}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records a MetricsLog wrote, oldest first."""
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def joined_dataset(prepared: Path, cache_dir: Path, split: str, partitions: int) -> tuple[ray.data.Dataset, int]:
     """Prepared pairs of `split` joined with the cache by pair_id (materialised), and the row count.
 
@@ -36,8 +60,8 @@ def joined_dataset(prepared: Path, cache_dir: Path, split: str, partitions: int)
     parts = sorted((prepared / split).glob("*.parquet"))
     if not parts:
         return ray.data.from_items([]), 0
-    pairs = ray.data.read_parquet([str(p) for p in parts], columns=PAIR_COLUMNS)
-    cache = ray.data.read_parquet(part_paths(cache_dir, verify(cache_dir)), columns=REF_COLUMNS)
+    pairs = ray.data.read_parquet([str(p) for p in parts]).select_columns(PAIR_COLUMNS)
+    cache = ray.data.read_parquet(part_paths(cache_dir, verify(cache_dir))).select_columns(REF_COLUMNS)
     joined = pairs.join(cache, join_type="inner", num_partitions=partitions, on=("pair_id",)).materialize()
     expected, found = pairs.count(), joined.count()
     if found != expected:
@@ -77,7 +101,8 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: Path, prepared: Path, run
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         torch_config=TorchConfig(backend=backend),
         datasets={"train": train_ds, "eval": eval_ds},
-        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             callbacks=[MetricsLog(run_dir.resolve() / f"{name}_metrics.jsonl"), *(callbacks or [])],
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
