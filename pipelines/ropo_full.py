@@ -5,8 +5,8 @@
 
 With no arguments it runs the embedded default (pipelines/configs/demo.yaml): the built-in task's
 tiny model is built here (no download); Ray Data prepares its preference pairs and computes the
-reference log-probs once into the shared cache; RoPO trains on them (one process in this version:
-Ray Train workers, Tune and the vLLM evaluation are the next stages), and the merged policy is exported.
+reference log-probs once into the shared cache; Ray Train's DeepSpeed workers train RoPO on them and
+export the merged policy (Tune and the vLLM evaluation are the next stages).
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from ropo_ray.config import load_config
 from ropo_ray.runs import (
     StageTimer,
     connect_ray,
-    export_run,
-    joined_rows,
+    prepared_dir,
     resolve_model,
     run_cache,
     run_prepare,
     set_threads,
+    train_run_name,
 )
-from ropo_ray.train.local import train_local
-from ropo_ray.train.model_io import load_model, load_tokenizer
+from ropo_ray.train.ray_trainer import read_metrics, train_ray
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -50,19 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         run_prepare(cfg, model_dir)
     with stage("reference log-probs (Ray Data actor pool, cached)"):
         cache = run_cache(cfg, model_dir)
-        train_rows, eval_rows = (joined_rows(cfg, cache["cache_dir"], split) for split in ("train", "eval"))
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model)
-    model = load_model(model_dir, cfg.model)
-    with stage(f"train ({cfg.adapter.type}, {cfg.loss.type})"):
-        result = train_local(model, train_rows, eval_rows, tokenizer.pad_token_id, cfg)
-    with stage("export"):
-        out = export_run(result.model, tokenizer, cfg, Path(cfg.pipeline.run_dir) / "model", result.summary)
-
-    s = result.summary
-    print(json.dumps({**s, "stage_seconds": stage.seconds}, indent=2))
-    print(f"held-out DPO loss {s['start_eval_loss']:.4f} (ln 2 = {math.log(2):.4f}) -> {s['final_eval_loss']:.4f}; "
-          f"held-out preference accuracy {s['start_eval_accuracy']:.3f} -> {s['final_eval_accuracy']:.3f}")
-    print(f"merged model and adapter weights: {out}")
+    with stage(f"train ({cfg.adapter.type}, {cfg.loss.type}; Ray Train + DeepSpeed)"):
+        name = train_run_name(cfg, cache["key"])
+        result = train_ray(cfg, model_dir, Path(cache["cache_dir"]), prepared_dir(cfg), Path(cfg.pipeline.run_dir),
+                           name=name)
+    history = read_metrics(Path(cfg.pipeline.run_dir) / f"{name}_metrics.jsonl")
+    start = next(h for h in history if h["step"] == 0)
+    final = result.metrics
+    print(json.dumps({"final": final, "stage_seconds": stage.seconds}, indent=2, default=str))
+    print(f"held-out DPO loss {start['eval/loss']:.4f} (ln 2 = {math.log(2):.4f}) -> {final['eval/loss']:.4f}; "
+          f"held-out preference accuracy {start['eval/rewards/accuracies']:.3f} -> "
+          f"{final['eval/rewards/accuracies']:.3f}")
+    print(f"merged model and adapter weights: {Path(cfg.pipeline.run_dir) / 'model'}")
     return 0
 
 

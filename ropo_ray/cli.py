@@ -3,6 +3,7 @@
     ropo-ray demo-model [--config YAML] [section.key=value ...]   build the built-in task's SFT model
     ropo-ray prepare    [--config YAML] [overrides ...]           Ray Data: validate + tokenise pairs
     ropo-ray cache      [--config YAML] [overrides ...]           Ray Data: reference log-probs, cached
+    ropo-ray train      [--config YAML] [overrides ...]           Ray Train + DeepSpeed RoPO training
     ropo-ray show-config [--config YAML] [overrides ...]          print the effective configuration
 """
 
@@ -51,11 +52,26 @@ def cmd_cache(cfg: Config) -> int:
     return 0
 
 
+def cmd_train(cfg: Config) -> int:
+    from ropo_ray.runs import connect_ray, prepared_dir, resolve_model, run_cache, run_prepare, train_run_name
+    from ropo_ray.train.ray_trainer import train_ray
+
+    model_dir = resolve_model(cfg)
+    connect_ray()
+    run_prepare(cfg, model_dir)
+    cache = run_cache(cfg, model_dir)
+    result = train_ray(cfg, model_dir, Path(cache["cache_dir"]), prepared_dir(cfg), Path(cfg.pipeline.run_dir),
+                       name=train_run_name(cfg, cache["key"]))
+    print(yaml.safe_dump({"final_metrics": dict(result.metrics)}, sort_keys=False), end="")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config], int], str]] = {
     "show-config": (cmd_show_config, "print the effective configuration as YAML"),
     "demo-model": (cmd_demo_model, "build (or reuse) the built-in task's tokenizer and tiny SFT model"),
     "prepare": (cmd_prepare, "validate, template and tokenise the preference pairs (Ray Data)"),
     "cache": (cmd_cache, "compute the reference log-probs into the shared cache (Ray Data actor pool)"),
+    "train": (cmd_train, "prepare and cache if needed, then train on Ray Train with DeepSpeed workers"),
 }
 
 

@@ -99,6 +99,17 @@ def joined_rows(cfg: Config, cache_dir: str | Path, split: str) -> list[dict]:
     return [{**r, **cache[r["pair_id"]]} for r in rows]
 
 
+def train_run_name(cfg: Config, cache_key: str) -> str:
+    """A training run's name: a hash of everything that changes what it trains, so rerunning the same
+    configuration resumes (or skips) that run, and a changed one starts fresh."""
+    from dataclasses import asdict
+
+    from ropo_ray.fingerprint import hash_json
+
+    parts = {k: asdict(getattr(cfg, k)) for k in ("model", "adapter", "loss", "train", "data")}
+    return f"train-{hash_json({**parts, 'cache': cache_key})[:12]}"
+
+
 def export_run(model: nn.Module, tokenizer: Any, cfg: Config, out_dir: Path, summary: dict) -> Path:
     """The merged model (plain HF folder), the adapter-only weights and the config that made them.
 
