@@ -45,3 +45,25 @@ def tiny_assets(tmp_path_factory):
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def polite_data(ray_local, tiny_assets, tmp_path_factory):
+    """Pairs sharing one learnable preference (a polite answer beats a rude one, so held-out pairs can be
+    learnt), prepared and cached once. Returns (root, config overrides that point at them, cache dir)."""
+    import json
+
+    from ropo_ray.config import load_config
+    from ropo_ray.data.prepare import prepare
+    from ropo_ray.refcache.stage import build_cache
+
+    root = tmp_path_factory.mktemp("polite")
+    rows = [{"prompt": f"Question {i}: what is {i} + {i % 7}?", "chosen": "Thank you, happy to help.",
+             "rejected": "No. Go away."} for i in range(200)]
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    base = [f"pipeline.run_dir={root}", f"cache.root={root}/cache", f"data.train_files=[{root}/pairs.jsonl]",
+            "data.eval_fraction=0.2", "train.lr=0.03", "loss.beta=0.5", "train.epochs=2"]
+    cfg = load_config(None, base)
+    prepare(cfg, str(tiny_assets), root / "data", cfg.data.train_files)
+    cache = build_cache(cfg, tiny_assets, tiny_assets, root / "data", log=lambda s: None)
+    return root, base, cache["cache_dir"]

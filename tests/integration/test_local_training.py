@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 
-import pytest
-
 from ropo_ray.config import load_config
-from ropo_ray.data.prepare import prepare
-from ropo_ray.refcache.stage import build_cache
 from ropo_ray.runs import export_run, joined_rows
 from ropo_ray.train.local import train_local
 from ropo_ray.train.model_io import load_model, load_tokenizer
 from ropo_ray.train.step import evaluate_pairs
 
 
-@pytest.fixture(scope="module")
-def run_cfg(ray_local, tiny_assets, tmp_path_factory):
-    """A preference every pair shares (a polite answer beats a rude one), so held-out pairs can be learnt."""
-    root = tmp_path_factory.mktemp("run")
-    rows = [{"prompt": f"Question number {i}: what is {i} + {i % 7}?", "chosen": "Thank you, happy to help.",
-             "rejected": "No. Go away."} for i in range(240)]
-    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = load_config(None, [
-        f"pipeline.run_dir={root}", f"cache.root={root}/cache", f"data.train_files=[{root}/pairs.jsonl]",
-        "data.eval_fraction=0.2", "train.lr=0.03", "train.epochs=2", "train.micro_batch_size=16",
-        "train.eval_every=10", "loss.beta=0.5", "adapter.block_sizes=[2,4,8]",
-    ])
-    prepare(cfg, str(tiny_assets), root / "data", cfg.data.train_files)
-    cache = build_cache(cfg, tiny_assets, tiny_assets, root / "data")
-    return cfg, cache
-
-
-def test_loss_starts_at_ln2_and_falls(run_cfg, tiny_assets, tmp_path):
-    cfg, cache = run_cfg
-    train, evals = joined_rows(cfg, cache["cache_dir"], "train"), joined_rows(cfg, cache["cache_dir"], "eval")
+def test_loss_starts_at_ln2_and_falls(polite_data, tiny_assets, tmp_path):
+    _, base, cache_dir = polite_data
+    cfg = load_config(None, [*base, "train.micro_batch_size=16", "train.eval_every=10"])
+    train, evals = joined_rows(cfg, cache_dir, "train"), joined_rows(cfg, cache_dir, "eval")
     tokenizer = load_tokenizer(tiny_assets, cfg.model)
     result = train_local(load_model(tiny_assets, cfg.model), train, evals, tokenizer.pad_token_id, cfg,
                          log=lambda s: None)

@@ -1,40 +1,26 @@
-"""Ray Train + DeepSpeed workers: loss from ln 2 down, ZeRO-2 and ZeRO-3, export, resume, worker loss."""
+"""Ray Train + DeepSpeed workers: loss from ln 2 down, ZeRO-2 and ZeRO-3, export, resume."""
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from ropo_ray.config import load_config
-from ropo_ray.data.prepare import prepare
-from ropo_ray.refcache.stage import build_cache
 from ropo_ray.runs import joined_rows
 from ropo_ray.train.model_io import load_model, load_tokenizer
 from ropo_ray.train.ray_trainer import read_metrics, train_ray
 from ropo_ray.train.step import evaluate_pairs
 
 
-@pytest.fixture(scope="module")
-def data(ray_local, tiny_assets, tmp_path_factory):
-    """Pairs sharing one learnable preference (polite beats rude), prepared and cached once."""
-    root = tmp_path_factory.mktemp("train-data")
-    rows = [{"prompt": f"Question {i}: what is {i} + {i % 7}?", "chosen": "Thank you, happy to help.",
-             "rejected": "No. Go away."} for i in range(200)]
-    (root / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    base = [f"cache.root={root}/cache", f"data.train_files=[{root}/pairs.jsonl]", "data.eval_fraction=0.2"]
-    cfg = load_config(None, base)
-    prepare(cfg, str(tiny_assets), root / "data", cfg.data.train_files)
-    cache = build_cache(cfg, tiny_assets, tiny_assets, root / "data", log=lambda s: None)
-    return root, base, cache["cache_dir"]
-
-
 def run(data, tiny_assets, run_dir, overrides, name="train"):
     root, base, cache_dir = data
-    cfg = load_config(None, [*base, "train.lr=0.03", "loss.beta=0.5", "train.epochs=2", "train.eval_every=5",
-                             "train.log_every=1", *overrides])
+    cfg = load_config(None, [*base, "train.eval_every=5", "train.log_every=1", *overrides])
     return cfg, train_ray(cfg, Path(tiny_assets), Path(cache_dir), root / "data", run_dir, name=name,
                           log=lambda s: None)
 
@@ -44,8 +30,8 @@ def history(run_dir, name="train"):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_loss_starts_at_ln2_falls_and_export_matches(data, tiny_assets, tmp_path, stage):
-    cfg, result = run(data, tiny_assets, tmp_path, [f"train.zero_stage={stage}", "train.num_workers=2",
+def test_loss_starts_at_ln2_falls_and_export_matches(polite_data, tiny_assets, tmp_path, stage):
+    cfg, result = run(polite_data, tiny_assets, tmp_path, [f"train.zero_stage={stage}", "train.num_workers=2",
                                                      "train.micro_batch_size=8"])
     records = history(tmp_path)
     first_eval = next(r for r in records if r["step"] == 0)
@@ -55,6 +41,51 @@ def test_loss_starts_at_ln2_falls_and_export_matches(data, tiny_assets, tmp_path
     assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
     merged = load_model(tmp_path / "model" / "merged", cfg.model)
     # the exported weights reproduce the trained policy's held-out loss
-    rows = joined_rows(load_config(None, [f"pipeline.run_dir={data[0]}"]), data[2], "eval")
+    rows = joined_rows(load_config(None, [f"pipeline.run_dir={polite_data[0]}"]), polite_data[2], "eval")
     again = evaluate_pairs(merged, rows, load_tokenizer(tiny_assets, cfg.model).pad_token_id, cfg.loss)
     assert abs(again["eval/loss"] - result.metrics["eval/loss"]) < 1e-4
+
+
+def test_resume_a_finished_run_to_twice_its_steps(polite_data, tiny_assets, tmp_path):
+    """A run stopped at step K (max_steps) continues from its checkpoint to 2K: no step <= K is trained again."""
+    common = ["train.num_workers=1", "train.micro_batch_size=8", "train.checkpoint_every=3", "train.epochs=3"]
+    run(polite_data, tiny_assets, tmp_path, [*common, "train.max_steps=6"], name="resume")
+    first = history(tmp_path, "resume")
+    assert max(r["step"] for r in first) == 6
+    _, result = run(polite_data, tiny_assets, tmp_path, [*common, "train.max_steps=12"], name="resume")
+    second = history(tmp_path, "resume")[len(first):]
+    trained = [r["step"] for r in second if "loss" in r]
+    assert trained and min(trained) == 7 and max(trained) == 12
+    assert not any(r["step"] == 0 for r in second)  # no fresh start
+    assert result.metrics["step"] == 12
+
+
+def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_assets, tmp_path):
+    """SIGKILL one training worker's process after the first checkpoint: FailureConfig restarts the group
+    from that checkpoint (no fresh start), the run finishes, and its final held-out loss matches an
+    uninterrupted run's within 0.02 (data order after a restart may differ, so not bit for bit)."""
+    from ray.util.state import list_actors
+
+    common = ["train.num_workers=2", "train.micro_batch_size=8", "train.checkpoint_every=4", "train.max_failures=2"]
+    _, clean = run(polite_data, tiny_assets, tmp_path / "clean", common, name="clean")
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(
+        result=run(polite_data, tiny_assets, tmp_path / "killed", common, name="killed")[1]))
+    thread.start()
+    log = tmp_path / "killed" / "killed_metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(r.get("checkpoint") for r in read_metrics(log)):
+        time.sleep(0.2)
+    killed_at = max(r["step"] for r in read_metrics(log))
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=900)
+    result, records = box["result"], read_metrics(log)
+    assert sum(1 for r in records if r["step"] == 0) == 1  # resumed, never restarted from scratch
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps[-1] == clean.metrics["step"] > killed_at
+    with pytest.raises(ProcessLookupError):  # the worker really died; the group finished without it
+        os.kill(workers[-1].pid, 0)
+    assert abs(result.metrics["eval/loss"] - clean.metrics["eval/loss"]) < 0.02
+    assert result.metrics["eval/loss"] < math.log(2) - 0.1
