@@ -9,6 +9,7 @@ with the optimizer and scheduler state plus its data position, so a restarted gr
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -204,6 +205,7 @@ def _step_record(run: _Run) -> dict[str, float]:
     grad_norm = run.engine.get_global_grad_norm()
     record.update({
         "step": run.state["step"], "epoch": run.state["epoch"], "lr": run.engine.get_lr()[0],
+        "pid": os.getpid(),  # rank 0's process: a new one after the group restarts from a checkpoint
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "pairs_per_s": run.world * run.pairs / elapsed, "tokens_per_s": run.world * run.tokens / elapsed,
         "orthogonality_error": max((m.orthogonality_error() for m in ropo_layers(run.engine.module).values()),
