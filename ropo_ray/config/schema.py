@@ -268,6 +268,9 @@ class TrainConfig:
     """ZeRO-Offload: keep optimizer states in CPU memory (stages 1-3)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision (bf16 keeps fp32 master weights)."""
+    peak_flops: float = 0.0
+    """One worker's peak FLOP/s for the reported MFU (e.g. 312e12 for an A100 in bf16); 0 measures a
+    matmul at worker start-up in the training precision with the worker's threads."""
     deepspeed_config: str = ""
     """A DeepSpeed JSON file honoured as given; "auto" values in it are filled from these settings."""
     activation_checkpointing: bool = False
@@ -294,6 +297,7 @@ class TrainConfig:
         _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 measures it)")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
 
 

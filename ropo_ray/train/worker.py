@@ -23,6 +23,7 @@ from ropo_ray.adapters.inject import ropo_layers
 from ropo_ray.adapters.registry import attach_adapter
 from ropo_ray.config.schema import Config
 from ropo_ray.train.ds_config import deepspeed_config
+from ropo_ray.train.flops import StepFlopModel, batch_sizes, measure_peak_flops, step_flop_model
 from ropo_ray.train.model_io import load_model
 from ropo_ray.train.schedule import warmup_cosine_scheduler
 from ropo_ray.train.step import evaluate_pairs, make_batch, preference_step
@@ -91,9 +92,13 @@ class _Run:
     eval_shard: Any
     writer: Any
     state: dict[str, Any]
-    t0: float = field(default_factory=time.perf_counter)
+    flop_model: StepFlopModel
+    peak_flops: float
+    mark: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # time in training micro-batches (data included; evaluation and checkpoints not)
     pairs: int = 0
     tokens: int = 0
+    flops: float = 0.0
     totals: dict[str, float] = field(default_factory=dict)
     last_record: dict[str, float] = field(default_factory=dict)
 
@@ -112,6 +117,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    flop_model = step_flop_model(model)
+    peak = tc.peak_flops or measure_peak_flops(torch.bfloat16 if tc.precision == "bf16" else torch.float32)
     ds_cfg = deepspeed_config(tc, ctx.get_world_size())
     scheduler = None if "scheduler" in ds_cfg else (
         lambda opt: warmup_cosine_scheduler(opt, config["total_steps"], tc.warmup_ratio))
@@ -119,10 +126,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     run = _Run(engine, cfg, config["pad_id"], config["total_steps"], ctx.get_world_size(),
                ray.train.get_dataset_shard("eval"), _tensorboard(config.get("tensorboard_dir"), ctx.get_world_rank()),
-               _restore(engine))
+               _restore(engine), flop_model, peak)
     train_shard = ray.train.get_dataset_shard("train")
     if run.state["step"] == 0:  # the step-0 policy is the reference: held-out DPO loss ln 2
         ray.train.report({"step": 0, **_evaluate(engine, run.eval_shard, run.pad_id, cfg)})
+        run.mark = time.perf_counter()
     while run.state["epoch"] < tc.epochs and run.state["step"] < run.total_steps:
         _train_epoch(run, train_shard)
         if run.state["step"] < run.total_steps:
@@ -171,6 +179,7 @@ def _train_epoch(run: _Run, train_shard: Any) -> None:
                                        local_shuffle_seed=tc.seed + run.state["epoch"])
     for index, table in enumerate(batches):
         if index < run.state["batches_in_epoch"]:
+            run.mark = time.perf_counter()
             continue  # consumed before the checkpoint this run resumed from
         batch = make_batch(table.to_pylist(), run.pad_id)
         loss, metrics = preference_step(run.engine, batch, run.cfg.loss)
@@ -178,8 +187,12 @@ def _train_epoch(run: _Run, train_shard: Any) -> None:
         boundary = run.engine.is_gradient_accumulation_boundary()
         run.engine.step()
         run.state["batches_in_epoch"] = index + 1
+        tokens, length_sq = batch_sizes(batch["attention_mask"])
         run.pairs += table.num_rows
-        run.tokens += int(batch["attention_mask"].sum())
+        run.tokens += tokens
+        run.flops += run.flop_model.flops(tokens, length_sq)
+        now = time.perf_counter()
+        run.seconds, run.mark = run.seconds + now - run.mark, now
         for k, v in metrics.items():
             run.totals[k] = run.totals.get(k, 0.0) + v / tc.grad_accum_steps
         if not boundary:
@@ -196,18 +209,21 @@ def _train_epoch(run: _Run, train_shard: Any) -> None:
             _save(run.engine, run.state, record)
         elif step % tc.log_every == 0 or "eval/loss" in record:
             ray.train.report(record)
+        run.mark = time.perf_counter()  # evaluation, checkpoints and reports are not training time
 
 
 def _step_record(run: _Run) -> dict[str, float]:
-    record = _mean_across_ranks(run.totals)
+    """Rank-averaged step metrics; throughput and MFU over this attempt's training time so far."""
+    seconds = max(run.seconds, 1e-9)
+    # model-FLOPs utilisation: the FLOPs the steps needed (flops.py) per second, over this worker's peak
+    record = _mean_across_ranks({**run.totals, "mfu": run.flops / seconds / run.peak_flops})
     run.totals = {}
-    elapsed = time.perf_counter() - run.t0
     grad_norm = run.engine.get_global_grad_norm()
     record.update({
         "step": run.state["step"], "epoch": run.state["epoch"], "lr": run.engine.get_lr()[0],
         "pid": os.getpid(),  # rank 0's process: a new one after the group restarts from a checkpoint
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "pairs_per_s": run.world * run.pairs / elapsed, "tokens_per_s": run.world * run.tokens / elapsed,
+        "pairs_per_s": run.world * run.pairs / seconds, "tokens_per_s": run.world * run.tokens / seconds,
         "orthogonality_error": max((m.orthogonality_error() for m in ropo_layers(run.engine.module).values()),
                                    default=0.0),
     })
