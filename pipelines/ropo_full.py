@@ -5,8 +5,10 @@
 
 With no arguments it runs the embedded default (pipelines/configs/demo.yaml): the built-in task's
 tiny model is built here (no download); Ray Data prepares its preference pairs and computes the
-reference log-probs once into the shared cache; Ray Train's DeepSpeed workers train RoPO on them and
-export the merged policy (Tune and the vLLM evaluation are the next stages).
+reference log-probs once into the shared cache; with tune.enabled=true a Ray Tune sweep over beta,
+block sizes and learning rate picks the configuration (every trial reading the same cache); Ray
+Train's DeepSpeed workers train RoPO with it and export the merged policy (the vLLM evaluation is
+the next stage).
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         run_prepare(cfg, model_dir)
     with stage("reference log-probs (Ray Data actor pool, cached)"):
         cache = run_cache(cfg, model_dir)
+    if cfg.tune.enabled:
+        from ropo_ray.tune.space import trial_overrides
+        from ropo_ray.tune.sweep import best_config, run_sweep
+
+        with stage("sweep (Ray Tune over Ray Train trials, shared cache)"):
+            sweep = run_sweep(cfg, model_dir, cache, prepared_dir(cfg))
+        cfg = best_config(cfg, sweep["best_values"])
+        print(f"training the sweep's best configuration: {trial_overrides(sweep['best_values'])}")
     with stage(f"train ({cfg.adapter.type}, {cfg.loss.type}; Ray Train + DeepSpeed)"):
         name = train_run_name(cfg, cache["key"])
         result = train_ray(cfg, model_dir, Path(cache["cache_dir"]), prepared_dir(cfg), Path(cfg.pipeline.run_dir),

@@ -4,6 +4,7 @@
     ropo-ray prepare    [--config YAML] [overrides ...]           Ray Data: validate + tokenise pairs
     ropo-ray cache      [--config YAML] [overrides ...]           Ray Data: reference log-probs, cached
     ropo-ray train      [--config YAML] [overrides ...]           Ray Train + DeepSpeed RoPO training
+    ropo-ray sweep      [--config YAML] [overrides ...]           Ray Tune sweep sharing one reference cache
     ropo-ray show-config [--config YAML] [overrides ...]          print the effective configuration
 """
 
@@ -66,12 +67,26 @@ def cmd_train(cfg: Config) -> int:
     return 0
 
 
+def cmd_sweep(cfg: Config) -> int:
+    from ropo_ray.runs import connect_ray, prepared_dir, resolve_model, run_cache, run_prepare
+    from ropo_ray.tune.sweep import run_sweep
+
+    model_dir = resolve_model(cfg)
+    connect_ray()
+    run_prepare(cfg, model_dir)
+    cache = run_cache(cfg, model_dir)
+    summary = run_sweep(cfg, model_dir, cache, prepared_dir(cfg))
+    print(yaml.safe_dump({"sweep": summary}, sort_keys=False), end="")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config], int], str]] = {
     "show-config": (cmd_show_config, "print the effective configuration as YAML"),
     "demo-model": (cmd_demo_model, "build (or reuse) the built-in task's tokenizer and tiny SFT model"),
     "prepare": (cmd_prepare, "validate, template and tokenise the preference pairs (Ray Data)"),
     "cache": (cmd_cache, "compute the reference log-probs into the shared cache (Ray Data actor pool)"),
     "train": (cmd_train, "prepare and cache if needed, then train on Ray Train with DeepSpeed workers"),
+    "sweep": (cmd_sweep, "prepare and cache if needed, then a Ray Tune sweep of training runs sharing the cache"),
 }
 
 

@@ -53,6 +53,7 @@ class RoPOLinear(nn.Module):
         # c is derived from the frozen W, so it is not saved with the adapter weights.
         self.register_buffer("row_norms", norms, persistent=False)
         self.magnitude = nn.Parameter(norms.clone(), requires_grad=learn_magnitude)
+        self.disabled = False  # True: compute the frozen base alone (the reference policy; see train/probe.py)
         self.rotation = nn.ParameterList(
             nn.Parameter(torch.zeros(lay.num_blocks, num_skew_params(lay.block_size), device=weight.device))
             for lay in self._layouts
@@ -84,6 +85,8 @@ class RoPOLinear(nn.Module):
         return self.magnitude.float() / self.row_norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base(x)
         layouts = self.layouts(x.device)
         x_rot = apply_rotation(x, self.blocks(), layouts)  # [..., d] = x @ R
         # Call the base module (not F.linear on its weight) so ZeRO-3 gathers its sharded weight.

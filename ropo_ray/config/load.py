@@ -175,3 +175,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write `cfg` as YAML that `load_config` reads back to an equal Config."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def with_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """`cfg` with dotted overrides applied on top, validated like `load_config`."""
+    tree = config_to_dict(cfg)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")

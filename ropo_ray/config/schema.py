@@ -8,6 +8,7 @@ expensive work starts, with a message naming the field.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +20,12 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
+
+
+AdapterType = Literal["ropo", "lora", "oft", "boft", "full"]
+ADAPTER_TYPES = typing.get_args(AdapterType)
+LossType = Literal["dpo", "ipo", "rpo", "spo", "simpo", "sft"]
+LOSS_TYPES = typing.get_args(LossType)
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,7 @@ class CacheConfig:
 class AdapterConfig:
     """What trains: RoPO rotations + magnitudes (default), or a baseline behind the same interface."""
 
-    type: Literal["ropo", "lora", "oft", "boft", "full"] = "ropo"
+    type: AdapterType = "ropo"
     """Adapter kind. `full` trains every weight (full-weight DPO)."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     """Linear layers adapted, matched as regular expressions against the end of module names."""
@@ -205,7 +212,7 @@ class AdapterConfig:
 class LossConfig:
     """The preference loss (ROPO_SPEC section 3), picked by name from the registry."""
 
-    type: Literal["dpo", "ipo", "rpo", "spo", "simpo", "sft"] = "dpo"
+    type: LossType = "dpo"
     """Loss name. RoPO is the DPO loss on the rotated policy."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward."""
@@ -268,6 +275,11 @@ class TrainConfig:
     """ZeRO-Offload: keep optimizer states in CPU memory (stages 1-3)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision (bf16 keeps fp32 master weights)."""
+    probe_prompts: int = 0
+    """Held-out prompts the policy and the reference answer at each evaluation, for the KL and
+    answer-length probe (train/probe.py); 0 turns it off. Needs an adapter on a frozen base."""
+    probe_max_tokens: int = 32
+    """Tokens sampled per probe answer at most."""
     peak_flops: float = 0.0
     """One worker's peak FLOP/s for the reported MFU (e.g. 312e12 for an A100 in bf16); 0 measures a
     matmul at worker start-up in the training precision with the worker's threads."""
@@ -298,36 +310,84 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.peak_flops >= 0, "train.peak_flops", "must be >= 0 (0 measures it)")
+        _check(self.probe_prompts >= 0, "train.probe_prompts", "must be >= 0 (0 turns the probe off)")
+        _check(self.probe_max_tokens >= 1, "train.probe_max_tokens", "must be >= 1")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Ray Tune sweep over beta, block sizes and learning rate."""
+    """Ray Tune sweep over beta, block sizes and learning rate (and optionally loss, adapter, targets)."""
 
     enabled: bool = False
-    """Run a sweep before the final training."""
+    """Run a sweep before the final training (the pipeline then trains the best configuration)."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """random: sample the space; grid: every combination of the *_values lists and choices; optuna:
+    Optuna's TPE sampler over the same space (needs the `optuna` package)."""
     num_samples: int = 4
-    """Trials drawn from the search space."""
+    """Trials drawn (random, optuna), or repeats of the whole grid (grid). A configuration that comes
+    up again trains the same run (same seed), so it is reported from its first run, not retrained."""
     beta_range: tuple[float, float] = (0.05, 0.5)
-    """Log-uniform range of beta."""
+    """Log-uniform range of loss.beta (used when beta_values is empty)."""
+    beta_values: tuple[float, ...] = ()
+    """Explicit values of loss.beta; required for a grid over beta."""
     lr_range: tuple[float, float] = (3e-3, 3e-2)
-    """Log-uniform range of the learning rate."""
+    """Log-uniform range of train.lr (used when lr_values is empty)."""
+    lr_values: tuple[float, ...] = ()
+    """Explicit values of train.lr; required for a grid over the learning rate."""
     block_size_choices: tuple[tuple[int, ...], ...] = ((2,), (4,), (2, 4), (2, 4, 8))
     """Choices of adapter.block_sizes."""
-    metric: str = "eval/loss"
-    """Metric the sweep optimises."""
-    mode: Literal["min", "max"] = "min"
-    """Whether the metric is minimised or maximised."""
+    loss_types: tuple[str, ...] = ()
+    """Choices of loss.type (e.g. dpo, ipo, simpo); empty keeps loss.type."""
+    adapter_types: tuple[str, ...] = ()
+    """Choices of adapter.type (e.g. ropo, lora, oft), so one sweep compares RoPO with its baselines."""
+    target_module_choices: tuple[tuple[str, ...], ...] = ()
+    """Choices of adapter.target_modules; empty keeps adapter.target_modules."""
+    objective: Literal["eval/loss", "eval/rewards/accuracies"] = "eval/loss"
+    """Held-out metric the sweep optimises (loss is minimised, accuracy maximised), penalised as below."""
+    kl_penalty: float = 0.0
+    """Weight of the probe's KL(policy || reference) in the objective, so a sweep cannot pick a policy
+    that wins by drifting far from the reference (needs train.probe_prompts > 0)."""
+    length_penalty: float = 0.0
+    """Weight of answer-length growth, max(0, policy length / reference length - 1), in the objective
+    (needs train.probe_prompts > 0)."""
+    scheduler: Literal["asha", "none"] = "asha"
+    """ASHA early stopping on the objective, or run every trial to the end."""
+    grace_period: int = 0
+    """Steps a trial runs before ASHA may stop it; 0 means train.eval_every."""
+    reduction_factor: int = 2
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
+    max_concurrent_trials: int = 0
+    """Trials at once; 0 derives it from the cluster's CPUs (GPUs) and one trial's workers."""
+    seed: int = 0
+    """Seed of the search algorithm (the same seed draws the same trials)."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
         for key in ("beta_range", "lr_range"):
             lo, hi = getattr(self, key)
             _check(0 < lo <= hi, f"tune.{key}", f"must satisfy 0 < low <= high, got {(lo, hi)}")
+        for key in ("beta_values", "lr_values"):
+            _check(all(v > 0 for v in getattr(self, key)), f"tune.{key}", "every value must be > 0")
+        _check(len(self.block_size_choices) > 0, "tune.block_size_choices", "needs at least one choice")
         for choice in self.block_size_choices:
             _check(len(choice) > 0 and all(b >= 2 for b in choice), "tune.block_size_choices",
                    f"every choice needs block sizes >= 2, got {choice}")
+        for loss in self.loss_types:
+            _check(loss in LOSS_TYPES, "tune.loss_types", f"unknown loss {loss!r}; known: {list(LOSS_TYPES)}")
+        for adapter in self.adapter_types:
+            _check(adapter in ADAPTER_TYPES, "tune.adapter_types",
+                   f"unknown adapter {adapter!r}; known: {list(ADAPTER_TYPES)}")
+        for choice in self.target_module_choices:
+            _check(len(choice) > 0, "tune.target_module_choices", "every choice needs at least one module pattern")
+        _check(self.kl_penalty >= 0 and self.length_penalty >= 0, "tune.kl_penalty",
+               "penalty weights must be >= 0")
+        _check(self.grace_period >= 0, "tune.grace_period", "must be >= 0")
+        _check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
+        _check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0 (0 derives it)")
+        if self.search == "grid":
+            _check(bool(self.beta_values) and bool(self.lr_values), "tune.search",
+                   "a grid needs explicit tune.beta_values and tune.lr_values")
 
 
 @dataclass(frozen=True)
@@ -376,3 +436,11 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        if self.tune.kl_penalty or self.tune.length_penalty:
+            _check(self.train.probe_prompts > 0, "train.probe_prompts",
+                   "tune.kl_penalty / tune.length_penalty need the probe: set train.probe_prompts > 0")
+        if self.train.probe_prompts:
+            _check("full" not in {self.adapter.type, *self.tune.adapter_types}, "train.probe_prompts",
+                   "the probe's reference is the frozen base under the adapters; adapter.type=full has none")

@@ -81,21 +81,37 @@ def total_steps(rows: int, cfg: Config) -> int:
     return max(1, min(steps, tc.max_steps) if tc.max_steps else steps)
 
 
+def training_datasets(cfg: Config, cache_dir: Path, prepared: Path) -> dict[str, Any]:
+    """The train and eval splits joined with the cache (materialised), with their row counts.
+
+    Built once by a driver and handed to every TorchTrainer that trains on them (a sweep's trials
+    share one join; Ray Data work launched inside a trial would be held to the trial's tiny bundle).
+    """
+    partitions = max(2, cfg.train.num_workers)
+    train_ds, n_train = joined_dataset(prepared, cache_dir, "train", partitions)
+    eval_ds, n_eval = joined_dataset(prepared, cache_dir, "eval", partitions)
+    return {"train": train_ds, "eval": eval_ds, "n_train": n_train, "n_eval": n_eval}
+
+
 def train_ray(cfg: Config, model_dir: Path, cache_dir: Path, prepared: Path, run_dir: Path, name: str = "train",
-              log: Callable[[str], None] = print, callbacks: list[Any] | None = None) -> Any:
-    """Fit the TorchTrainer (resuming a run of the same name) and copy its export to run_dir/model."""
+              log: Callable[[str], None] = print, callbacks: list[Any] | None = None,
+              datasets: dict[str, Any] | None = None) -> Any:
+    """Fit the TorchTrainer (resuming a run of the same name) and copy its export to run_dir/model.
+
+    `datasets`: from `training_datasets` when the caller already joined them."""
     tc = cfg.train
-    train_ds, n_train = joined_dataset(prepared, cache_dir, "train", max(2, tc.num_workers))
-    eval_ds, n_eval = joined_dataset(prepared, cache_dir, "eval", max(2, tc.num_workers))
+    datasets = datasets or training_datasets(cfg, cache_dir, prepared)
+    train_ds, n_train, eval_ds, n_eval = (datasets[k] for k in ("train", "n_train", "eval", "n_eval"))
     steps = total_steps(n_train, cfg)
-    pad_id = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model).pad_token_id
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model)
     backend = tc.backend if tc.backend != "auto" else ("nccl" if tc.use_gpu else "gloo")
     storage = (run_dir / "ray").resolve()
     log(f"train: {n_train} pairs ({n_eval} held out), {tc.num_workers} workers x {tc.micro_batch_size} pairs, "
         f"ZeRO-{tc.zero_stage}, {backend}, {steps} steps; checkpoints in {storage / name}")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "model_dir": str(model_dir.resolve()), "pad_id": pad_id,
+        train_loop_config={"cfg": cfg, "model_dir": str(model_dir.resolve()), "pad_id": tokenizer.pad_token_id,
+                           "eos_id": tokenizer.eos_token_id,
                            "total_steps": steps, "tensorboard_dir": str((run_dir / "tensorboard").resolve())},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),

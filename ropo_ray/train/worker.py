@@ -25,6 +25,7 @@ from ropo_ray.config.schema import Config
 from ropo_ray.train.ds_config import deepspeed_config
 from ropo_ray.train.flops import StepFlopModel, batch_sizes, measure_peak_flops, step_flop_model
 from ropo_ray.train.model_io import load_model
+from ropo_ray.train.probe import penalised_objective, probe
 from ropo_ray.train.schedule import warmup_cosine_scheduler
 from ropo_ray.train.step import evaluate_pairs, make_batch, preference_step
 
@@ -47,11 +48,31 @@ def _mean_across_ranks(values: dict[str, float], weight: float = 1.0) -> dict[st
     return {k: float(t[i]) / total if total else float("nan") for i, k in enumerate(keys)}
 
 
-def _evaluate(engine: Any, eval_shard: Any, pad_id: int, cfg: Config) -> dict[str, float]:
-    rows = [r for batch in eval_shard.iter_batches(batch_size=256, batch_format="pyarrow") for r in batch.to_pylist()]
+def _evaluate(run: _Run) -> dict[str, float]:
+    """Held-out loss and rewards (pair-weighted over ranks), the sampled probe when configured, and the
+    sweep's objective `eval/objective`."""
+    engine, pad_id, cfg = run.engine, run.pad_id, run.cfg
+    batches = run.eval_shard.iter_batches(batch_size=256, batch_format="pyarrow")
+    rows = [r for batch in batches for r in batch.to_pylist()]
     local = evaluate_pairs(engine.module, rows, pad_id, cfg.loss) if rows else {}
     # a rank with no held-out rows still joins the all-reduce, with weight 0
-    return _mean_across_ranks({k: local.get(k, 0.0) for k in EVAL_KEYS}, float(len(rows)))
+    record = _mean_across_ranks({k: local.get(k, 0.0) for k in EVAL_KEYS}, float(len(rows)))
+    if cfg.train.probe_prompts:
+        record.update(_probe(engine, rows, pad_id, cfg, run.eos_id))
+    record["eval/objective"] = penalised_objective(record, cfg.tune)
+    return record
+
+
+def _probe(engine: Any, rows: list[dict], pad_id: int, cfg: Config, eos_id: int | None) -> dict[str, float]:
+    """The KL / length probe on this rank's first held-out prompts, averaged over ranks. Every rank
+    samples the same number of prompts (cycling its own), so ZeRO-3 ranks stay in lockstep."""
+    if eos_id is None:
+        raise ValueError("train.probe_prompts needs the tokenizer's eos token id")
+    prompts = sorted({tuple(r["prompt_ids"]) for r in rows}) or [(pad_id,)]
+    prompts = [list(prompts[i % len(prompts)]) for i in range(cfg.train.probe_prompts)]
+    synced = cfg.train.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
+    local = probe(engine.module, prompts, pad_id, eos_id, cfg.train.probe_max_tokens, cfg.train.seed, synced)
+    return _mean_across_ranks({f"eval/{k}": v for k, v in local.items()}, 1.0 if rows else 0.0)
 
 
 def _save(engine: Any, state: dict[str, Any], metrics: dict[str, float], export: dict[str, Any] | None = None
@@ -94,6 +115,7 @@ class _Run:
     state: dict[str, Any]
     flop_model: StepFlopModel
     peak_flops: float
+    eos_id: int | None = None
     mark: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0  # time in training micro-batches (data included; evaluation and checkpoints not)
     pairs: int = 0
@@ -126,16 +148,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     run = _Run(engine, cfg, config["pad_id"], config["total_steps"], ctx.get_world_size(),
                ray.train.get_dataset_shard("eval"), _tensorboard(config.get("tensorboard_dir"), ctx.get_world_rank()),
-               _restore(engine), flop_model, peak)
+               _restore(engine), flop_model, peak, config.get("eos_id"))
     train_shard = ray.train.get_dataset_shard("train")
     if run.state["step"] == 0:  # the step-0 policy is the reference: held-out DPO loss ln 2
-        ray.train.report({"step": 0, **_evaluate(engine, run.eval_shard, run.pad_id, cfg)})
+        ray.train.report({"step": 0, **_evaluate(run)})
         run.mark = time.perf_counter()
     while run.state["epoch"] < tc.epochs and run.state["step"] < run.total_steps:
         _train_epoch(run, train_shard)
         if run.state["step"] < run.total_steps:
             run.state["epoch"], run.state["batches_in_epoch"] = run.state["epoch"] + 1, 0
-    record = {**run.last_record, "step": run.state["step"], **_evaluate(engine, run.eval_shard, run.pad_id, cfg)}
+    record = {**run.last_record, "step": run.state["step"], **_evaluate(run)}
     _log(run.writer, record)
     _save(engine, run.state, record, export=config)
 
@@ -203,7 +225,7 @@ def _train_epoch(run: _Run, train_shard: Any) -> None:
             return  # the final evaluation, checkpoint and export follow the loop
         step, record = run.state["step"], run.last_record
         if step % tc.eval_every == 0:
-            record.update(_evaluate(run.engine, run.eval_shard, run.pad_id, run.cfg))
+            record.update(_evaluate(run))
         _log(run.writer, record)
         if step % tc.checkpoint_every == 0:
             _save(run.engine, run.state, record)
