@@ -9,7 +9,7 @@ MATH_MODULES = [
     "ropo_ray.adapters.rotation", "ropo_ray.adapters.ropo_linear", "ropo_ray.adapters.inject",
     "ropo_ray.adapters.registry", "ropo_ray.losses", "ropo_ray.losses.registry", "ropo_ray.eval.energy",
     "ropo_ray.train.logprobs", "ropo_ray.train.step", "ropo_ray.data.task", "ropo_ray.data.pairs",
-    "ropo_ray.refcache.compute", "ropo_ray.config",
+    "ropo_ray.refcache.compute", "ropo_ray.config", "ropo_ray.eval.metrics",
 ]
 HEAVY = ("ray", "deepspeed", "vllm")
 
