@@ -5,6 +5,7 @@
     ropo-ray cache      [--config YAML] [overrides ...]           Ray Data: reference log-probs, cached
     ropo-ray train      [--config YAML] [overrides ...]           Ray Train + DeepSpeed RoPO training
     ropo-ray sweep      [--config YAML] [overrides ...]           Ray Tune sweep sharing one reference cache
+    ropo-ray evaluate   [--config YAML] [overrides ...]           vLLM samples of the runs and the reference; report
     ropo-ray show-config [--config YAML] [overrides ...]          print the effective configuration
 """
 
@@ -80,6 +81,21 @@ def cmd_sweep(cfg: Config) -> int:
     return 0
 
 
+def cmd_evaluate(cfg: Config) -> int:
+    from ropo_ray.eval.evaluate import evaluate
+    from ropo_ray.runs import connect_ray, prepared_dir, resolve_model, tokenizer_dir
+
+    model_dir = resolve_model(cfg)
+    connect_ray()
+    exports = [Path(p) for p in cfg.eval.runs] or [Path(cfg.pipeline.run_dir) / "model"]
+    missing = [str(p) for p in exports if not (p / "merged").is_dir()]
+    if missing:
+        raise ConfigError(f"eval.runs: no exported run (merged/ folder) at {', '.join(missing)}; train first")
+    out = Path(cfg.eval.report_dir or Path(cfg.pipeline.run_dir) / "report")
+    evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), exports, prepared_dir(cfg), out)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config], int], str]] = {
     "show-config": (cmd_show_config, "print the effective configuration as YAML"),
     "demo-model": (cmd_demo_model, "build (or reuse) the built-in task's tokenizer and tiny SFT model"),
@@ -87,6 +103,7 @@ COMMANDS: dict[str, tuple[Callable[[Config], int], str]] = {
     "cache": (cmd_cache, "compute the reference log-probs into the shared cache (Ray Data actor pool)"),
     "train": (cmd_train, "prepare and cache if needed, then train on Ray Train with DeepSpeed workers"),
     "sweep": (cmd_sweep, "prepare and cache if needed, then a Ray Tune sweep of training runs sharing the cache"),
+    "evaluate": (cmd_evaluate, "sample trained runs and the reference with vLLM, score them, write the report"),
 }
 
 

@@ -26,4 +26,11 @@ for name in ("torch", "transformers", "peft", "deepspeed", "ray", "vllm", "pyarr
 import torch
 print(f"setup ok: torch {torch.__version__}; peft, vllm, deepspeed, ray import")
 PY
+# The report test opens report.html in headless Chromium (Debian's package), so the test setup installs it.
+if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
+  command -v chromium >/dev/null || { echo "setup: could not install chromium (apt-get install chromium)" >&2; exit 1; }
+fi
 touch "$VENV/.ropo-ray-installed"

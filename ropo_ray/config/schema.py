@@ -392,22 +392,67 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Sampling and diagnostics of the trained policy against the reference."""
+    """Sampling and diagnostics of trained policies against the reference (`ropo-ray evaluate`)."""
 
+    runs: tuple[str, ...] = ()
+    """Exported runs to evaluate (folders holding merged/, config.yaml); empty: <run_dir>/model."""
     samples_per_prompt: int = 4
     """Samples drawn per held-out prompt."""
+    num_prompts: int = 0
+    """Held-out prompts sampled (the first N); 0: all of them."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature (1.0 draws from the model itself, which the KL estimate assumes)."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     max_tokens: int = 48
     """Tokens generated per sample at most."""
+    probe_max_tokens: int = 24
+    """Tokens generated per knowledge-probe answer (greedy decoding)."""
+    seed: int = 0
+    """Base of the per-request seeds (each request gets its own, derived from prompt and sample index)."""
+    prompts_file: str = ""
+    """JSONL of held-out prompts {"prompt": str, "answer": int (optional, for the verifier)};
+    empty: the built-in task's held-out problems."""
+    probes_file: str = ""
+    """JSONL of knowledge probes {"prompt", "answer", "response"}; empty: the built-in task's probes."""
+    reward_model: str = ""
+    """Optional HF sequence-classification folder scoring (prompt, response); wins are then judged by it."""
+    dtype: str = "float32"
+    """vLLM engine dtype: float32 or bfloat16."""
+    use_gpu: bool = False
+    """Give each vLLM engine GPUs (tensor_parallel_size of them) instead of CPUs."""
+    tensor_parallel_size: int = 1
+    """GPUs per vLLM engine (GPU clusters)."""
+    num_engines: int = 1
+    """vLLM engines sampling in parallel (Ray Data actors)."""
+    cpus_per_engine: int = 1
+    """CPUs reserved by each vLLM engine on CPU machines."""
+    kv_cache_gib: int = 1
+    """VLLM_CPU_KVCACHE_SPACE of each CPU engine, GiB."""
+    max_model_len: int = 256
+    """Longest prompt + answer the engine accepts, tokens."""
+    batch_size: int = 64
+    """Requests per Ray Data batch sent to an engine."""
+    score_batch_size: int = 32
+    """Sequences per forward when scoring log-probs."""
+    examples: int = 4
+    """Example responses shown per run in the report."""
+    report_dir: str = ""
+    """Where report.json / report.html go; empty: <run_dir>/report."""
 
     def __post_init__(self) -> None:
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
+        _check(self.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
         _check(self.temperature >= 0, "eval.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
         _check(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
+        _check(self.probe_max_tokens >= 1, "eval.probe_max_tokens", "must be >= 1")
+        _check(self.dtype in ("float32", "bfloat16"), "eval.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        for name in ("tensor_parallel_size", "num_engines", "cpus_per_engine", "kv_cache_gib", "batch_size",
+                     "score_batch_size"):
+            _check(getattr(self, name) >= 1, f"eval.{name}", "must be >= 1")
+        _check(self.max_model_len >= 8, "eval.max_model_len", "must be >= 8")
+        _check(self.examples >= 0, "eval.examples", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -129,5 +129,8 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: Path, prepared: Path, run
                 target = run_dir / "model"
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.copytree(Path(folder) / "export", target)
+                metrics_log = run_dir / f"{name}_metrics.jsonl"
+                if metrics_log.exists():  # the training curve travels with the model it made
+                    shutil.copyfile(metrics_log, target / "metrics.jsonl")
                 log(f"train: merged model and adapter weights in {target}")
     return result
