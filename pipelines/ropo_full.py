@@ -7,8 +7,8 @@ With no arguments it runs the embedded default (pipelines/configs/demo.yaml): th
 tiny model is built here (no download); Ray Data prepares its preference pairs and computes the
 reference log-probs once into the shared cache; with tune.enabled=true a Ray Tune sweep over beta,
 block sizes and learning rate picks the configuration (every trial reading the same cache); Ray
-Train's DeepSpeed workers train RoPO with it and export the merged policy (the vLLM evaluation is
-the next stage).
+Train's DeepSpeed workers train RoPO with it and export the merged policy; vLLM samples the policy and
+the reference through Ray Data and the report (report.json + a self-contained report.html) compares them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ropo_ray.config import load_config
+from ropo_ray.eval.evaluate import evaluate
 from ropo_ray.runs import (
     StageTimer,
     connect_ray,
@@ -28,6 +29,7 @@ from ropo_ray.runs import (
     run_cache,
     run_prepare,
     set_threads,
+    tokenizer_dir,
     train_run_name,
 )
 from ropo_ray.train.ray_trainer import read_metrics, train_ray
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
           f"held-out preference accuracy {start['eval/rewards/accuracies']:.3f} -> "
           f"{final['eval/rewards/accuracies']:.3f}")
     print(f"merged model and adapter weights: {Path(cfg.pipeline.run_dir) / 'model'}")
+    with stage("evaluate (vLLM samples through Ray Data; report)"):
+        report = evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), [Path(cfg.pipeline.run_dir) / "model"],
+                          prepared_dir(cfg), Path(cfg.eval.report_dir or Path(cfg.pipeline.run_dir) / "report"))
+    print(f"report: {report['paths']['html']}")
     return 0
 
 
