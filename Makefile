@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ropo-ray-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration lint clean
+.PHONY: setup demo submit test test-unit test-integration lint clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -13,6 +13,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) pipelines/ropo_full.py
+
+# The same job on a running Ray cluster (its dashboard address): make submit RAY_ADDRESS=http://127.0.0.1:8265
+submit: $(STAMP)
+	$(VENV)/bin/ray job submit --address $(RAY_ADDRESS) --working-dir . -- python pipelines/ropo_full.py $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -7,15 +7,17 @@ With no arguments it runs the embedded default (pipelines/configs/demo.yaml): th
 tiny model is built here (no download); Ray Data prepares its preference pairs and computes the
 reference log-probs once into the shared cache; with tune.enabled=true a Ray Tune sweep over beta,
 block sizes and learning rate picks the configuration (every trial reading the same cache); Ray
-Train's DeepSpeed workers train RoPO with it and export the merged policy; vLLM samples the policy and
-the reference through Ray Data and the report (report.json + a self-contained report.html) compares them.
+Train's DeepSpeed workers train RoPO with it, and the baselines of `pipeline.compare_runs` (DPO with
+full weights and with LoRA in the demo) from the same reference and cache; vLLM samples every policy
+and the reference through Ray Data, and the report (report.json + a self-contained report.html)
+compares them. Every stage skips when its published output matches, so a rerun after a crash
+continues from the first unfinished stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from ropo_ray.config import load_config
 from ropo_ray.eval.evaluate import evaluate
 from ropo_ray.runs import (
     StageTimer,
+    compare_configs,
     connect_ray,
     prepared_dir,
     resolve_model,
@@ -32,7 +35,7 @@ from ropo_ray.runs import (
     tokenizer_dir,
     train_run_name,
 )
-from ropo_ray.train.ray_trainer import read_metrics, train_ray
+from ropo_ray.train.ray_trainer import train_ray
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     set_threads()
     stage = StageTimer()
+    run_dir = Path(cfg.pipeline.run_dir)
 
     with stage("reference model"):
         model_dir = resolve_model(cfg)
@@ -61,21 +65,20 @@ def main(argv: list[str] | None = None) -> int:
             sweep = run_sweep(cfg, model_dir, cache, prepared_dir(cfg))
         cfg = best_config(cfg, sweep["best_values"])
         print(f"training the sweep's best configuration: {trial_overrides(sweep['best_values'])}")
-    with stage(f"train ({cfg.adapter.type}, {cfg.loss.type}; Ray Train + DeepSpeed)"):
-        name = train_run_name(cfg, cache["key"])
-        result = train_ray(cfg, model_dir, Path(cache["cache_dir"]), prepared_dir(cfg), Path(cfg.pipeline.run_dir),
-                           name=name)
-    history = read_metrics(Path(cfg.pipeline.run_dir) / f"{name}_metrics.jsonl")
-    start = next(h for h in history if h["step"] == 0)
-    final = result.metrics
-    print(json.dumps({"final": final, "stage_seconds": stage.seconds}, indent=2, default=str))
-    print(f"held-out DPO loss {start['eval/loss']:.4f} (ln 2 = {math.log(2):.4f}) -> {final['eval/loss']:.4f}; "
-          f"held-out preference accuracy {start['eval/rewards/accuracies']:.3f} -> "
-          f"{final['eval/rewards/accuracies']:.3f}")
-    print(f"merged model and adapter weights: {Path(cfg.pipeline.run_dir) / 'model'}")
+
+    exports, finals = [], {}
+    for label, run_cfg, folder in [("main", cfg, run_dir), *compare_configs(cfg, run_dir)]:
+        with stage(f"train {label}: {run_cfg.adapter.type}, {run_cfg.loss.type} (Ray Train + DeepSpeed)"):
+            result = train_ray(run_cfg, model_dir, Path(cache["cache_dir"]), prepared_dir(cfg), folder,
+                               name=train_run_name(run_cfg, cache["key"]))
+        exports.append(folder / "model")
+        finals[label] = {k: result.metrics.get(k) for k in ("eval/loss", "eval/rewards/accuracies", "step")}
+
     with stage("evaluate (vLLM samples through Ray Data; report)"):
-        report = evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), [Path(cfg.pipeline.run_dir) / "model"],
-                          prepared_dir(cfg), Path(cfg.eval.report_dir or Path(cfg.pipeline.run_dir) / "report"))
+        report = evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), exports, prepared_dir(cfg),
+                          Path(cfg.eval.report_dir or run_dir / "report"))
+    print(json.dumps({"final held-out metrics": finals, "stage_seconds": stage.seconds}, indent=2, default=str))
+    print(f"merged models: {', '.join(str(e / 'merged') for e in exports)}")
     print(f"report: {report['paths']['html']}")
     return 0
 

@@ -27,10 +27,23 @@ def demo_model_dir(cfg: Config) -> Path:
     return Path(cfg.pipeline.artifacts_dir) / "demo-model"
 
 
+HUB_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", "tokenizer*",
+             "special_tokens_map.json", "chat_template.jinja", "*.model")
+
+
 def resolve_model(cfg: Config, log: Log = print) -> Path:
-    """The reference model folder: the configured one, or the built-in task's (built when missing)."""
+    """The reference model folder: the configured one, a hub model (downloaded once, safetensors and
+    tokenizer files only), or the built-in task's (built when missing)."""
     if cfg.model.path:
         return Path(cfg.model.path)
+    if cfg.model.hub_id:
+        from huggingface_hub import snapshot_download
+
+        target = Path(cfg.pipeline.artifacts_dir) / "hub" / cfg.model.hub_id.replace("/", "__") / cfg.model.revision
+        log(f"model: {cfg.model.hub_id}@{cfg.model.revision} -> {target}")
+        snapshot_download(cfg.model.hub_id, revision=cfg.model.revision, local_dir=str(target),
+                          allow_patterns=list(HUB_FILES))
+        return target
     from ropo_ray.train.demo_model import build_demo_model
 
     info = build_demo_model(cfg.task, demo_model_dir(cfg), log=log)
@@ -108,6 +121,19 @@ def train_run_name(cfg: Config, cache_key: str) -> str:
 
     parts = {k: asdict(getattr(cfg, k)) for k in ("model", "adapter", "loss", "train", "data")}
     return f"train-{hash_json({**parts, 'cache': cache_key})[:12]}"
+
+
+def compare_configs(cfg: Config, run_dir: Path) -> list[tuple[str, Config, Path]]:
+    """The baselines of `pipeline.compare_runs`: (label, config, run folder) each, trained from the same
+    reference, prepared data and cache as the main run, in run_dir/compare/<i>-<adapter>-<loss>."""
+    from ropo_ray.config.load import with_overrides
+
+    out = []
+    for i, spec in enumerate(cfg.pipeline.compare_runs):
+        run_cfg = with_overrides(cfg, [*spec.split(), "pipeline.compare_runs=[]", "tune.enabled=false"])
+        label = f"{run_cfg.adapter.type}-{run_cfg.loss.type}"
+        out.append((label, run_cfg, Path(run_dir) / "compare" / f"{i}-{label}"))
+    return out
 
 
 def export_run(model: nn.Module, tokenizer: Any, cfg: Config, out_dir: Path, summary: dict) -> Path:

@@ -133,7 +133,12 @@ class ModelConfig:
     """The reference (SFT) model the policy starts from."""
 
     path: str = ""
-    """HF model folder (safetensors). Empty: the built-in task's tiny model under the run folder."""
+    """HF model folder (safetensors). Empty (and no hub_id): the built-in task's tiny model."""
+    hub_id: str = ""
+    """Hugging Face hub id of the reference model (e.g. an SFT checkpoint). Downloaded once into
+    <artifacts_dir>/hub/ (safetensors, config, tokenizer and template files only: no pickle, no code)."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) of hub_id; pin a commit for reproducible runs."""
     tokenizer_path: str = ""
     """Tokenizer folder; empty means the model folder."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -142,6 +147,12 @@ class ModelConfig:
     """Run a model folder's own Python code. Off unless turned on explicitly."""
     allow_pickle_weights: bool = False
     """Accept pickle-based weight files (*.bin, *.pt). Off: safetensors only."""
+
+
+    def __post_init__(self) -> None:
+        _check(not (self.path and self.hub_id), "model.path", "give model.path or model.hub_id, not both")
+        _check(not self.hub_id or self.hub_id.count("/") == 1, "model.hub_id",
+               f"expected 'organisation/name', got {self.hub_id!r}")
 
 
 @dataclass(frozen=True)
@@ -463,8 +474,14 @@ class PipelineConfig:
     """Folder of this run's outputs (data, checkpoints, report). Local path or URI."""
     artifacts_dir: str = "artifacts"
     """Folder of reusable artifacts (the built-in task's model) shared between runs."""
-    compare_adapters: tuple[str, ...] = ()
-    """Extra adapter types trained from the same reference for the comparison (e.g. full, lora)."""
+    compare_runs: tuple[str, ...] = ()
+    """Baselines trained from the same reference and cache and compared in the report: each entry is a
+    space-separated list of dotted overrides on top of this config, e.g. "adapter.type=full train.lr=1e-4"."""
+
+    def __post_init__(self) -> None:
+        for spec in self.compare_runs:
+            _check(bool(spec.split()) and all("=" in item for item in spec.split()), "pipeline.compare_runs",
+                   f"each entry is 'section.key=value ...', got {spec!r}")
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,12 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
     from ropo_ray.eval.scoring import score_logps, score_rewards
     from ropo_ray.train.model_io import load_tokenizer
 
+    out_dir = Path(out_dir)
+    fingerprint = evaluation_fingerprint(cfg, reference_dir, exports)
+    published = published_report(out_dir, fingerprint)
+    if published is not None:
+        log(f"evaluate: the report in {out_dir} is up to date (same runs, reference and settings)")
+        return published
     timing: dict[str, float] = {}
     clock = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_path, cfg.model)
@@ -323,5 +329,31 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
         "runs": report_runs, "sweep": sweep_section(Path(cfg.pipeline.run_dir), cfg), "timing": timing,
     }
     paths = write_report(report, out_dir)
+    (out_dir / "manifest.json").write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")  # last
     log(f"evaluate: report in {paths['html']} (and report.json beside it)")
     return {"report": report, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def evaluation_fingerprint(cfg: Config, reference_dir: Path, exports: list[Path]) -> str:
+    """What a report depends on: the eval settings, the reference's weights and every run's trained weights."""
+    from dataclasses import asdict
+
+    from ropo_ray.fingerprint import file_sha256, hash_json, model_fingerprint
+
+    settings = {k: v for k, v in asdict(cfg.eval).items() if k not in ("runs", "report_dir")}
+    runs = [{"path": str(Path(e).resolve()), "adapter": file_sha256(Path(e) / "adapter.safetensors")}
+            for e in exports]
+    return hash_json({"eval": settings, "reference": model_fingerprint(reference_dir), "runs": runs,
+                      "model": asdict(cfg.model), "sweep": str(sorted((Path(cfg.pipeline.run_dir) / "sweep").glob(
+                          "*/results.parquet"))), "schema_version": 1})
+
+
+def published_report(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The report in out_dir if its manifest (written after the report) carries `fingerprint`."""
+    manifest, paths = out_dir / "manifest.json", {"json": out_dir / "report.json", "html": out_dir / "report.html"}
+    if not manifest.is_file() or not all(p.is_file() for p in paths.values()):
+        return None
+    if json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
+        return None
+    return {"report": json.loads(paths["json"].read_text(encoding="utf-8")),
+            "paths": {k: str(v) for k, v in paths.items()}, "reused": True}

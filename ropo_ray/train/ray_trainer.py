@@ -93,6 +93,34 @@ def training_datasets(cfg: Config, cache_dir: Path, prepared: Path) -> dict[str,
     return {"train": train_ds, "eval": eval_ds, "n_train": n_train, "n_eval": n_eval}
 
 
+class FinishedRun:
+    """What `train_ray` returns for a run whose export is already published (the fit is skipped)."""
+
+    def __init__(self, metrics: dict[str, Any]) -> None:
+        self.metrics = metrics
+        self.checkpoint = None
+
+
+def training_fingerprint(cfg: Config) -> str:
+    """A hash of every setting that changes what a training run produces."""
+    from dataclasses import asdict
+
+    from ropo_ray.fingerprint import hash_json
+
+    return hash_json({k: asdict(getattr(cfg, k)) for k in ("model", "adapter", "loss", "train", "data")})
+
+
+def finished_export(run_dir: Path, name: str, cfg: Config) -> FinishedRun | None:
+    """The published export of run `name` made with these settings in run_dir/model, if complete
+    (run.json is written after everything else)."""
+    marker = Path(run_dir) / "model" / "run.json"
+    if not marker.is_file() or not (marker.parent / "merged").is_dir():
+        return None
+    record = json.loads(marker.read_text(encoding="utf-8"))
+    same = record.get("name") == name and record.get("fingerprint") == training_fingerprint(cfg)
+    return FinishedRun(record["metrics"]) if same else None
+
+
 def train_ray(cfg: Config, model_dir: Path, cache_dir: Path, prepared: Path, run_dir: Path, name: str = "train",
               log: Callable[[str], None] = print, callbacks: list[Any] | None = None,
               datasets: dict[str, Any] | None = None) -> Any:
@@ -100,6 +128,10 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: Path, prepared: Path, run
 
     `datasets`: from `training_datasets` when the caller already joined them."""
     tc = cfg.train
+    finished = finished_export(run_dir, name, cfg)
+    if finished is not None:
+        log(f"train: {name} already finished; its export in {run_dir / 'model'} is up to date")
+        return finished
     datasets = datasets or training_datasets(cfg, cache_dir, prepared)
     train_ds, n_train, eval_ds, n_eval = (datasets[k] for k in ("train", "n_train", "eval", "n_eval"))
     steps = total_steps(n_train, cfg)
@@ -132,5 +164,7 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: Path, prepared: Path, run
                 metrics_log = run_dir / f"{name}_metrics.jsonl"
                 if metrics_log.exists():  # the training curve travels with the model it made
                     shutil.copyfile(metrics_log, target / "metrics.jsonl")
+                record = {"name": name, "fingerprint": training_fingerprint(cfg), "metrics": dict(result.metrics)}
+                (target / "run.json").write_text(json.dumps(record, default=str), encoding="utf-8")
                 log(f"train: merged model and adapter weights in {target}")
     return result

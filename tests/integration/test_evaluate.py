@@ -70,7 +70,7 @@ def evaluated(ray_local, tmp_path_factory):
     result = evaluate(cfg, demo, demo, exports, root / "data", root / "report", log=lambda s: None)
     samples = [json.loads(line) for line in (root / "report" / "samples.jsonl").read_text().splitlines()]
     return {"root": root, "demo": demo, "report": result["report"], "paths": result["paths"], "samples": samples,
-            "cfg": cfg, "tokenizer": tokenizer, "rotated": root / "rotated" / "merged"}
+            "cfg": cfg, "tokenizer": tokenizer, "rotated": root / "rotated" / "merged", "exports": exports}
 
 
 def _run(report: dict, name: str) -> dict:
@@ -177,3 +177,16 @@ def test_report_html_renders_in_chromium(evaluated, tmp_path):
     shot = render_in_browser(Path(evaluated["paths"]["html"]), tmp_path / "report.png")
     assert shot["console_errors"] == []
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_second_evaluation_reuses_the_published_report(evaluated):
+    from ropo_ray.eval.evaluate import evaluate, evaluation_fingerprint, published_report
+
+    root, cfg = evaluated["root"], evaluated["cfg"]
+    again = evaluate(cfg, evaluated["demo"], evaluated["demo"], evaluated["exports"], root / "data", root / "report",
+                     log=lambda s: None)
+    assert again.get("reused") is True and again["report"] == json.loads(Path(evaluated["paths"]["json"]).read_text())
+    assert published_report(root / "report", "another fingerprint") is None
+    more = with_overrides(cfg, ["eval.samples_per_prompt=4"])
+    assert evaluation_fingerprint(more, evaluated["demo"], evaluated["exports"]) != \
+        evaluation_fingerprint(cfg, evaluated["demo"], evaluated["exports"])
