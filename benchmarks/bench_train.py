@@ -32,15 +32,15 @@ import json
 import os
 import platform
 import resource
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+import benchlib
+from benchlib import load_json, machine_busy_seconds, versions
 
 SIDES = ("trl", "trl_nogc", "ropo_fp32", "ropo_bf16", "base")
 
@@ -62,12 +62,6 @@ def peak_rss_mib() -> dict[str, float]:
     return {"vmhwm": hwm, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes of the machine have spent busy since boot (/proc/stat, every core)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")  # user nice system, irq softirq steal
-
-
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -85,10 +79,6 @@ class Window:
     def contention(self) -> dict[str, float]:
         (w0, b0, o0), (w1, b1, o1) = self.marks[0], self.marks[-1]
         return {"own_cores": (o1 - o0) / (w1 - w0), "other_cores": max(0.0, (b1 - b0) - (o1 - o0)) / (w1 - w0)}
-
-
-def load_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def step_record(step_ends: list[float], warmup: int, batch: int, sizes: list[tuple[int, int]]) -> dict:
@@ -476,12 +466,6 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict[str, float]]) -> 
     return summary
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("torch", "transformers", "peft", "trl", "deepspeed", "ray")}
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -494,12 +478,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--intermediate", type=int, default=1664)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sides", default=",".join(SIDES))
-    parser.add_argument("--quiet-cores", type=float, default=0.3,
-                        help="start a side only when other processes use fewer cores than this")
-    parser.add_argument("--max-other-cores", type=float, default=0.2,
-                        help="redo a side if other processes used more cores than this in its timed window")
-    parser.add_argument("--retries", type=int, default=3)
-    parser.add_argument("--max-wait", type=float, default=900.0, help="longest wait for a quiet machine, s")
+    benchlib.add_quiet_arguments(parser, max_other_cores=0.2)
     parser.add_argument("--allocator-pass", type=int, default=1,
                         help="1: also measure every side's peak RSS with MALLOC_MMAP_THRESHOLD_=131072")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
@@ -517,14 +496,8 @@ def drive(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     setup = spawn(args, "prepare", "prepare")
     sides = args.sides.split(",")
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    ceilings = []
-    for r in range(args.repeats):
-        ceilings.append(measure_ceilings(args))
-        print(f"repeat {r}: ceilings fp32 {ceilings[-1]['fp32'] / 1e9:.0f}, bf16 {ceilings[-1]['bf16'] / 1e9:.0f} "
-              "GFLOP/s", flush=True)
-        for side in sides[r % len(sides):] + sides[:r % len(sides)]:
-            runs[side].append(spawn(args, side, f"{side}-{r}"))
+    runs, ceilings = benchlib.rotated_repeats(args.repeats, sides, lambda: measure_ceilings(args),
+                                              lambda side, r: spawn(args, side, f"{side}-{r}"))
     rss_fixed = rss_with_fixed_mmap_threshold(args, sides) if args.allocator_pass else {}
     uptime["end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     all_runs = [setup, *(run for side in runs.values() for run in side)]
@@ -533,7 +506,7 @@ def drive(args: argparse.Namespace) -> dict:
         "machine": {"threads": args.threads, "cpus": os.cpu_count(), "platform": platform.platform(),
                     "cpu": subprocess.run(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
                                           capture_output=True, text=True).stdout.strip(),
-                    "uptime": uptime, "versions": versions()},
+                    "uptime": uptime, "versions": versions("torch", "transformers", "peft", "trl", "deepspeed", "ray")},
         "setup": setup, "batch_pairs": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "repeats": args.repeats, "ceilings_flops": ceilings, **summarise(runs, ceilings),
         "peak_rss_mib_malloc_mmap_threshold_128k": rss_fixed,
@@ -553,19 +526,7 @@ def drive(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
-    if args.side:
-        run_side(args)
-        return
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the work folder is removed on kill
-    args.work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    try:
-        report = drive(args)
-    finally:
-        shutil.rmtree(args.work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
+    benchlib.main(parse_args(), run_side, drive, "bench-train-", ("runs",))
 
 
 if __name__ == "__main__":
