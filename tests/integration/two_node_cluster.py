@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -22,9 +23,13 @@ from ray.cluster_utils import Cluster
 
 def main() -> None:
     head_port, dashboard_port = int(sys.argv[1]), int(sys.argv[2])
+    with socket.socket() as s:  # the head's job agent port: its default (52365) is taken by any other local Ray
+        s.bind(("127.0.0.1", 0))
+        agent_port = s.getsockname()[1]
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-        "gcs_server_port": head_port, "object_store_memory": 400 * 1024**2})
+        "gcs_server_port": head_port, "dashboard_agent_listen_port": agent_port,
+        "object_store_memory": 400 * 1024**2})
     second_tmp = tempfile.mkdtemp(prefix="ray-node2-")
     worker = cluster.add_node(num_cpus=1, resources={"worker_node": 1}, object_store_memory=400 * 1024**2,
                               temp_dir=second_tmp)
