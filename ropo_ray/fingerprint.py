@@ -40,6 +40,20 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     return hash_json(files_fingerprint(path, TOKENIZER_FILES))
 
 
+TRAINING_SECTIONS = ("model", "adapter", "loss", "train", "data")
+
+
+def training_settings(cfg: Any) -> dict[str, Any]:
+    """The config sections that change what a training run produces (not the sweep, eval or paths)."""
+    from dataclasses import asdict
+
+    return {k: asdict(getattr(cfg, k)) for k in TRAINING_SECTIONS}
+
+
+def training_fingerprint(cfg: Any) -> str:
+    return hash_json(training_settings(cfg))
+
+
 def model_fingerprint(path: str | Path) -> str:
     """Changes with the model's weights (safetensors file hashes) or its config."""
     return hash_json(files_fingerprint(path, ("config.json",), "*.safetensors"))

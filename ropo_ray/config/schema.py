@@ -428,8 +428,8 @@ class EvalConfig:
     """JSONL of knowledge probes {"prompt", "answer", "response"}; empty: the built-in task's probes."""
     reward_model: str = ""
     """Optional HF sequence-classification folder scoring (prompt, response); wins are then judged by it."""
-    dtype: str = "float32"
-    """vLLM engine dtype: float32 or bfloat16."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """vLLM engine dtype."""
     use_gpu: bool = False
     """Give each vLLM engine GPUs (tensor_parallel_size of them) instead of CPUs."""
     tensor_parallel_size: int = 1
@@ -458,7 +458,6 @@ class EvalConfig:
         _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
         _check(self.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
         _check(self.probe_max_tokens >= 1, "eval.probe_max_tokens", "must be >= 1")
-        _check(self.dtype in ("float32", "bfloat16"), "eval.dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
         for name in ("tensor_parallel_size", "num_engines", "cpus_per_engine", "kv_cache_gib", "batch_size",
                      "score_batch_size"):
             _check(getattr(self, name) >= 1, f"eval.{name}", "must be >= 1")

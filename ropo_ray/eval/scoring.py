@@ -25,7 +25,6 @@ class LogpScorer:
     def __init__(self, models: dict[str, str], model_cfg: ModelConfig, micro_batch: int) -> None:
         from ropo_ray.train.model_io import load_model
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.models = {name: load_model(path, model_cfg) for name, path in models.items()}
         self.micro_batch = micro_batch
         self.pad_id = next(iter(self.models.values())).config.pad_token_id or 0

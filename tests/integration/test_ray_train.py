@@ -14,7 +14,7 @@ import pytest
 from ropo_ray.config import load_config
 from ropo_ray.runs import joined_rows
 from ropo_ray.train.model_io import load_model, load_tokenizer
-from ropo_ray.train.ray_trainer import read_metrics, train_ray
+from ropo_ray.train.ray_trainer import FinishedRun, read_metrics, train_ray
 from ropo_ray.train.step import evaluate_pairs
 
 
@@ -61,9 +61,14 @@ def test_loss_starts_at_ln2_falls_and_export_matches(polite_data, tiny_assets, t
 def test_resume_a_finished_run_to_twice_its_steps(polite_data, tiny_assets, tmp_path):
     """A run stopped at step K (max_steps) continues from its checkpoint to 2K: no step <= K is trained again."""
     common = ["train.num_workers=1", "train.micro_batch_size=8", "train.checkpoint_every=3", "train.epochs=3"]
-    run(polite_data, tiny_assets, tmp_path, [*common, "train.max_steps=6"], name="resume")
+    _, finished = run(polite_data, tiny_assets, tmp_path, [*common, "train.max_steps=6"], name="resume")
     first = history(tmp_path, "resume")
     assert max(r["step"] for r in first) == 6
+    # the same run again is skipped: its published export is up to date, nothing is trained or logged
+    _, skipped = run(polite_data, tiny_assets, tmp_path, [*common, "train.max_steps=6"], name="resume")
+    assert isinstance(skipped, FinishedRun) and skipped.metrics["step"] == 6
+    assert skipped.metrics["eval/loss"] == finished.metrics["eval/loss"]
+    assert history(tmp_path, "resume") == first
     _, result = run(polite_data, tiny_assets, tmp_path, [*common, "train.max_steps=12"], name="resume")
     second = history(tmp_path, "resume")[len(first):]
     trained = [r["step"] for r in second if "loss" in r]
