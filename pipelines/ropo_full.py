@@ -28,9 +28,11 @@ from ropo_ray.runs import (
     compare_configs,
     connect_ray,
     prepared_dir,
+    report_dir,
     resolve_model,
     run_cache,
     run_prepare,
+    run_store,
     set_threads,
     tokenizer_dir,
     train_run_name,
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     set_threads()
     stage = StageTimer()
-    run_dir = Path(cfg.pipeline.run_dir)
+    run_dir = run_store(cfg)  # a local folder or an object-store URI
 
     with stage("reference model"):
         model_dir = resolve_model(cfg)
@@ -69,16 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     exports, finals = [], {}
     for label, run_cfg, folder in [("main", cfg, run_dir), *compare_configs(cfg, run_dir)]:
         with stage(f"train {label}: {run_cfg.adapter.type}, {run_cfg.loss.type} (Ray Train + DeepSpeed)"):
-            result = train_ray(run_cfg, model_dir, Path(cache["cache_dir"]), prepared_dir(cfg), folder,
+            result = train_ray(run_cfg, model_dir, cache["cache_dir"], prepared_dir(cfg), folder,
                                name=train_run_name(run_cfg, cache["key"]))
-        exports.append(folder / "model")
+        exports.append(folder.child("model"))
         finals[label] = {k: result.metrics.get(k) for k in ("eval/loss", "eval/rewards/accuracies", "step")}
 
     with stage("evaluate (vLLM samples through Ray Data; report)"):
-        report = evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), exports, prepared_dir(cfg),
-                          Path(cfg.eval.report_dir or run_dir / "report"))
+        report = evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), exports, prepared_dir(cfg), report_dir(cfg))
     print(json.dumps({"final held-out metrics": finals, "stage_seconds": stage.seconds}, indent=2, default=str))
-    print(f"merged models: {', '.join(str(e / 'merged') for e in exports)}")
+    print(f"merged models: {', '.join(str(e.child('merged')) for e in exports)}")
     print(f"report: {report['paths']['html']}")
     return 0
 

@@ -55,14 +55,22 @@ def cmd_cache(cfg: Config) -> int:
 
 
 def cmd_train(cfg: Config) -> int:
-    from ropo_ray.runs import connect_ray, prepared_dir, resolve_model, run_cache, run_prepare, train_run_name
+    from ropo_ray.runs import (
+        connect_ray,
+        prepared_dir,
+        resolve_model,
+        run_cache,
+        run_prepare,
+        run_store,
+        train_run_name,
+    )
     from ropo_ray.train.ray_trainer import train_ray
 
     model_dir = resolve_model(cfg)
     connect_ray()
     run_prepare(cfg, model_dir)
     cache = run_cache(cfg, model_dir)
-    result = train_ray(cfg, model_dir, Path(cache["cache_dir"]), prepared_dir(cfg), Path(cfg.pipeline.run_dir),
+    result = train_ray(cfg, model_dir, cache["cache_dir"], prepared_dir(cfg), run_store(cfg),
                        name=train_run_name(cfg, cache["key"]))
     print(yaml.safe_dump({"final_metrics": dict(result.metrics)}, sort_keys=False), end="")
     return 0
@@ -83,16 +91,16 @@ def cmd_sweep(cfg: Config) -> int:
 
 def cmd_evaluate(cfg: Config) -> int:
     from ropo_ray.eval.evaluate import evaluate
-    from ropo_ray.runs import connect_ray, prepared_dir, resolve_model, tokenizer_dir
+    from ropo_ray.runs import connect_ray, prepared_dir, report_dir, resolve_model, run_store, tokenizer_dir
+    from ropo_ray.storage import Store
 
     model_dir = resolve_model(cfg)
     connect_ray()
-    exports = [Path(p) for p in cfg.eval.runs] or [Path(cfg.pipeline.run_dir) / "model"]
-    missing = [str(p) for p in exports if not (p / "merged").is_dir()]
+    exports = [Store(p) for p in cfg.eval.runs] or [run_store(cfg).child("model")]
+    missing = [str(p) for p in exports if not p.child("merged").is_dir()]
     if missing:
         raise ConfigError(f"eval.runs: no exported run (merged/ folder) at {', '.join(missing)}; train first")
-    out = Path(cfg.eval.report_dir or Path(cfg.pipeline.run_dir) / "report")
-    evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), exports, prepared_dir(cfg), out)
+    evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), exports, prepared_dir(cfg), report_dir(cfg))
     return 0
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ropo_ray.adapters.registry import merge_adapter
 from ropo_ray.config import Config, save_config
+from ropo_ray.storage import Store
 from ropo_ray.train.model_io import save_model_folder
 
 Log = Callable[[str], None]
@@ -61,8 +62,23 @@ def input_files(cfg: Config, model_dir: Path) -> tuple[str, ...]:
     return cfg.data.train_files or (str(model_dir / "task" / "pairs.jsonl"),)
 
 
-def prepared_dir(cfg: Config) -> Path:
-    return Path(cfg.pipeline.run_dir) / "data"
+def run_store(cfg: Config) -> Store:
+    """The run folder: a local path or an object-store URI (ropo_ray.storage)."""
+    return Store(cfg.pipeline.run_dir)
+
+
+def prepared_dir(cfg: Config) -> Store:
+    return run_store(cfg).child("data")
+
+
+def report_dir(cfg: Config) -> Store:
+    return Store(cfg.eval.report_dir) if cfg.eval.report_dir else run_store(cfg).child("report")
+
+
+def mirror_dir(cfg: Config) -> Path:
+    """Local disk for copies of remote folders that must be local files (models for transformers and
+    vLLM, the report while it is written)."""
+    return Path(cfg.pipeline.artifacts_dir) / "mirror"
 
 
 def connect_ray(log: Log = print) -> None:
@@ -96,7 +112,7 @@ def run_cache(cfg: Config, model_dir: Path, log: Log = print) -> dict[str, Any]:
     return build_cache(cfg, model_dir, tokenizer_dir(cfg, model_dir), prepared_dir(cfg), log=log)
 
 
-def joined_rows(cfg: Config, cache_dir: str | Path, split: str) -> list[dict]:
+def joined_rows(cfg: Config, cache_dir: str | Path | Store, split: str) -> list[dict]:
     """Prepared rows of `split` joined with their cached reference log-probs by pair_id (one process)."""
     import pyarrow.dataset as pads
 
@@ -104,7 +120,9 @@ def joined_rows(cfg: Config, cache_dir: str | Path, split: str) -> list[dict]:
 
     cache = {r["pair_id"]: r for r in read_entries(cache_dir).to_pylist()}
     columns = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
-    rows = pads.dataset(str(prepared_dir(cfg) / split), format="parquet").to_table(columns=columns).to_pylist()
+    parts = prepared_dir(cfg).child(split)
+    rows = pads.dataset([p.path for p in parts.files(".parquet")], format="parquet", filesystem=parts.fs
+                        ).to_table(columns=columns).to_pylist()
     missing = [r["pair_id"] for r in rows if r["pair_id"] not in cache]
     if missing:
         raise ValueError(f"{len(missing)} {split} pairs have no cached reference log-probs (first: {missing[0]}); "
@@ -115,15 +133,12 @@ def joined_rows(cfg: Config, cache_dir: str | Path, split: str) -> list[dict]:
 def train_run_name(cfg: Config, cache_key: str) -> str:
     """A training run's name: a hash of everything that changes what it trains, so rerunning the same
     configuration resumes (or skips) that run, and a changed one starts fresh."""
-    from dataclasses import asdict
+    from ropo_ray.fingerprint import hash_json, training_settings
 
-    from ropo_ray.fingerprint import hash_json
-
-    parts = {k: asdict(getattr(cfg, k)) for k in ("model", "adapter", "loss", "train", "data")}
-    return f"train-{hash_json({**parts, 'cache': cache_key})[:12]}"
+    return f"train-{hash_json({**training_settings(cfg), 'cache': cache_key})[:12]}"
 
 
-def compare_configs(cfg: Config, run_dir: Path) -> list[tuple[str, Config, Path]]:
+def compare_configs(cfg: Config, run_dir: Store) -> list[tuple[str, Config, Store]]:
     """The baselines of `pipeline.compare_runs`: (label, config, run folder) each, trained from the same
     reference, prepared data and cache as the main run, in run_dir/compare/<i>-<adapter>-<loss>."""
     from ropo_ray.config.load import with_overrides
@@ -132,7 +147,7 @@ def compare_configs(cfg: Config, run_dir: Path) -> list[tuple[str, Config, Path]
     for i, spec in enumerate(cfg.pipeline.compare_runs):
         run_cfg = with_overrides(cfg, [*spec.split(), "pipeline.compare_runs=[]", "tune.enabled=false"])
         label = f"{run_cfg.adapter.type}-{run_cfg.loss.type}"
-        out.append((label, run_cfg, Path(run_dir) / "compare" / f"{i}-{label}"))
+        out.append((label, run_cfg, run_dir.child("compare", f"{i}-{label}")))
     return out
 
 

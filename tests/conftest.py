@@ -20,3 +20,28 @@ def make_tiny_llama(seed: int = 0, vocab: int = 64, hidden: int = 64, layers: in
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) speaking the real S3 HTTP protocol, so object-store URIs
+    go through pyarrow's S3 filesystem exactly as on a cloud bucket. Yields a function that makes a
+    bucket and returns its base URI (credentials and endpoint in the URI, for every Ray worker)."""
+    import uuid
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+
+    def bucket() -> str:
+        name = f"ropo-{uuid.uuid4().hex[:10]}"
+        client.create_bucket(Bucket=name)
+        return f"s3://test:test@{name}/run?scheme=http&endpoint_override={host}:{port}&region=us-east-1"
+
+    yield bucket
+    server.stop()

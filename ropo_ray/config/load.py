@@ -159,7 +159,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """Defaults <- YAML file at `path` <- dotted `overrides`, validated into a frozen Config."""
     tree: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
+        from ropo_ray.storage import Store
+
+        text = Store(path).read_text()  # a local file or an object-store URI
         loaded = yaml.safe_load(text)
         if loaded is None:
             loaded = {}
@@ -173,8 +175,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write `cfg` as YAML that `load_config` reads back to an equal Config."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write `cfg` as YAML that `load_config` reads back to an equal Config (a local path or a URI)."""
+    from ropo_ray.storage import store
+
+    store(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def with_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:

@@ -3,7 +3,10 @@
     read (one task per file, streamed in chunks) -> parse / normalise / validate / tokenise
     (an actor pool holding the tokenizer) -> stage/ partitioned by split
     -> kept rows hash-partitioned by pair_id, duplicates marked -> train/, eval/, rejects/
-    -> manifest.json (counts, fingerprint), published by renaming the finished folder into place.
+    -> manifest.json (counts, fingerprint), published by moving the finished folder into place.
+
+The output folder may be local or an object-store URI (ropo_ray.storage): Ray Data's tasks write
+and read it through the same pyarrow filesystem on whichever node they run.
 
 Memory stays bounded whatever the input size: files are read in chunks, every step streams, and
 the deduplication is a hash shuffle that Ray Data spills to disk.
@@ -11,9 +14,6 @@ the deduplication is a hash shuffle that Ray Data spills to disk.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,6 +29,7 @@ from ropo_ray.config.schema import Config, DataConfig, ModelConfig
 from ropo_ray.data.rows import RAW_SCHEMA, ROW_SCHEMA, iter_raw_rows, prepare_row, rejected_row
 from ropo_ray.data.sources import InputFile, filesystem_of, inputs_fingerprint, resolve_inputs
 from ropo_ray.fingerprint import hash_json, tokenizer_fingerprint
+from ropo_ray.storage import Store, store
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval", "rejects")
@@ -82,43 +83,48 @@ def prepare_fingerprint(files: list[InputFile], cfg: Config, tokenizer_path: str
                       "tokenizer": tokenizer_fingerprint(tokenizer_path), "format": 1})
 
 
-def read_manifest(out_dir: Path) -> dict | None:
-    path = Path(out_dir) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def read_manifest(out_dir: str | Path | Store) -> dict | None:
+    return store(out_dir).child(MANIFEST).read_json_if_exists()
 
 
-def _count(folder: Path, columns: list[str] | None = None) -> pa.Table | int:
-    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+def split_parts(out_dir: str | Path | Store, split: str) -> list[Store]:
+    """The Parquet parts of one split of a prepared folder."""
+    return store(out_dir).child(split).files(".parquet")
+
+
+def _count(folder: Store, columns: list[str] | None = None) -> pa.Table | int:
+    parts = folder.files(".parquet")
+    if not parts:
         return 0 if columns is None else pa.table({c: [] for c in columns})
-    dataset = pads.dataset(str(folder), format="parquet")
+    dataset = pads.dataset([p.path for p in parts], format="parquet", filesystem=folder.fs)
     return dataset.count_rows() if columns is None else dataset.to_table(columns=columns)
 
 
-def _summarise(out: Path) -> dict[str, Any]:
-    rejects = _count(out / "rejects", ["reason"])
+def _summarise(out: Store) -> dict[str, Any]:
+    rejects = _count(out.child("rejects"), ["reason"])
     reasons = Counter(rejects["reason"].to_pylist()) if rejects.num_rows else Counter()
     duplicates = reasons.pop("duplicate_pair", 0)
     tokens = {}
     for split in ("train", "eval"):
-        t = _count(out / split, ["prompt_tokens", "chosen_tokens", "rejected_tokens"])
+        t = _count(out.child(split), ["prompt_tokens", "chosen_tokens", "rejected_tokens"])
         tokens[split] = {c: int(pc.sum(t[c]).as_py() or 0) for c in t.column_names} if t.num_rows else {}
-    train, evals = _count(out / "train"), _count(out / "eval")
+    train, evals = _count(out.child("train")), _count(out.child("eval"))
     return {"kept": train + evals, "train": train, "eval": evals, "rejected": sum(reasons.values()),
             "duplicates": duplicates, "rejected_by_reason": dict(sorted(reasons.items())), "tokens": tokens}
 
 
-def _move_parts(src: Path, dst: Path, prefix: str) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for i, part in enumerate(sorted(src.rglob("*.parquet")) if src.is_dir() else []):
-        part.rename(dst / f"{prefix}-{i:05d}.parquet")
+def _move_parts(src: Store, dst: Store, prefix: str) -> None:
+    dst.makedirs()
+    for i, part in enumerate(src.files(".parquet", recursive=True)):
+        part.move_to(dst.child(f"{prefix}-{i:05d}.parquet"))
 
 
-def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path, files: tuple[str, ...] | None = None,
+def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path | Store, files: tuple[str, ...] | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or skip, when the published fingerprint matches) the preparation; returns the manifest."""
     import ray
 
-    out = Path(out_dir)
+    out = store(out_dir)
     inputs = resolve_inputs(files if files is not None else cfg.data.train_files, cfg.data)
     fingerprint = prepare_fingerprint(inputs, cfg, tokenizer_path)
     existing = read_manifest(out)
@@ -126,35 +132,32 @@ def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path, files: tuple[
         log(f"prepare: up to date ({out}), skipped")
         return existing
     t0 = time.perf_counter()
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.scratch()
     # tokenizer actors, leaving a CPU for the read and write tasks that feed and drain them
     workers = max(1, min(len(inputs), int(ray.cluster_resources().get("CPU", 1)) - 1))
     raw = ray.data.from_items([{"uri": f.uri, "format": f.format} for f in inputs], override_num_blocks=len(inputs))
     rows = raw.map_batches(_read_files, batch_size=1).map_batches(
         RowPreparer, fn_constructor_args=(tokenizer_path, cfg.data, cfg.model), batch_format="pyarrow",
         batch_size=1024, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers), num_cpus=1)
-    rows.write_parquet(str(tmp / "stage"), partition_cols=["split"])
+    rows.write_parquet(tmp.child("stage").path, filesystem=tmp.fs, partition_cols=["split"])
     for split in ("train", "eval"):
-        stage = tmp / "stage" / f"split={split}"
-        if stage.is_dir():  # hive partitioning drops `split` from the files: mark_duplicates sets it again
-            kept = ray.data.read_parquet(str(stage), partitioning=None)
+        stage = tmp.child("stage", f"split={split}").files(".parquet")
+        if stage:  # hive partitioning drops `split` from the files: mark_duplicates sets it again
+            kept = ray.data.read_parquet([p.path for p in stage], filesystem=tmp.fs, partitioning=None)
             kept.repartition(max(1, workers * 4), keys=["pair_id"]).map_batches(
                 mark_duplicates, fn_args=(split,), batch_format="pyarrow", batch_size=None,
-            ).write_parquet(str(tmp / f"dedup-{split}"), partition_cols=["split"])
+            ).write_parquet(tmp.child(f"dedup-{split}").path, filesystem=tmp.fs, partition_cols=["split"])
     for split, sources in (("train", ["dedup-train/split=train"]), ("eval", ["dedup-eval/split=eval"]),
                            ("rejects", ["stage/split=rejected", "dedup-train/split=rejected",
                                         "dedup-eval/split=rejected"])):
         for k, src in enumerate(sources):
-            _move_parts(tmp / src, tmp / split, f"part-{k}")
+            _move_parts(tmp.child(*src.split("/")), tmp.child(split), f"part-{k}")
     for scratch in ("stage", "dedup-train", "dedup-eval"):
-        shutil.rmtree(tmp / scratch, ignore_errors=True)
+        tmp.child(scratch).remove()
     manifest = {"fingerprint": fingerprint, "inputs": [asdict(f) for f in inputs], "data": asdict(cfg.data),
                 "tokenizer_path": str(tokenizer_path), "created": time.time(), **_summarise(tmp)}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    tmp.child(MANIFEST).write_json(manifest)
+    out.publish_from(tmp, MANIFEST)
     log(f"prepare: kept {manifest['kept']} ({manifest['train']} train / {manifest['eval']} eval), "
         f"rejected {manifest['rejected']} {manifest['rejected_by_reason']}, duplicates {manifest['duplicates']}, "
         f"tokens {manifest['tokens']} in {time.perf_counter() - t0:.1f} s -> {out}")

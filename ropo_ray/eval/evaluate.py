@@ -13,7 +13,7 @@ the implicit reward, knowledge-probe NLL), an optional reward model, the pure me
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -26,6 +26,7 @@ from ropo_ray.data.tokenize import encode_completion, encode_prompt
 from ropo_ray.eval import metrics as M
 from ropo_ray.eval.energy import hyperspherical_energy
 from ropo_ray.eval.sampling import generate, sample_requests
+from ropo_ray.storage import Store, store
 
 Log = Callable[[str], None]
 
@@ -66,13 +67,15 @@ def eval_inputs(cfg: Config, reference_dir: Path) -> tuple[list[dict], list[dict
 
 def read_run(export: Path) -> dict[str, Any]:
     """An exported training run: its config, merged folder, trainable-parameter count and metric log."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    from ropo_ray.train.ray_trainer import read_metrics
 
     cfg = load_config(export / "config.yaml", [])
-    trainable = sum(t.numel() for t in load_file(str(export / "adapter.safetensors")).values())
-    log = export / "metrics.jsonl"
-    training = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-    return {"cfg": cfg, "merged": export / "merged", "export": export, "trainable": trainable, "training": training}
+    with safe_open(str(export / "adapter.safetensors"), "pt") as f:  # headers only: no weights are read
+        trainable = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {"cfg": cfg, "merged": export / "merged", "export": export, "trainable": trainable,
+            "training": read_metrics(export / "metrics.jsonl")}
 
 
 def run_names(runs: list[dict[str, Any]]) -> list[str]:
@@ -95,15 +98,29 @@ def adapted_layers(state_keys: list[str], cfg: Config) -> list[str]:
     return sorted(k for k in projections if k.split(".")[-2] in cfg.adapter.target_modules)
 
 
-def layer_energies(reference_dir: Path, merged_dir: Path, cfg: Config) -> list[dict[str, Any]]:
-    """HE of each adapted layer's weight in the reference and in the merged policy, and the change."""
-    from safetensors.torch import load_file
+def weight_energies(folder: Path, names: list[str] | None = None, cfg: Config | None = None) -> dict[str, float]:
+    """HE of the named weights of a safetensors folder (or of the layers `cfg` adapts), reading one tensor
+    at a time, so a large model is never loaded whole."""
+    from safetensors import safe_open
 
-    ref = {k: v for f in sorted(reference_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    pol = {k: v for f in sorted(merged_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    names = adapted_layers(list(pol), cfg)
-    return M.energy_change({n[: -len(".weight")]: hyperspherical_energy(ref[n]) for n in names},
-                           {n[: -len(".weight")]: hyperspherical_energy(pol[n]) for n in names})
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            wanted = names if names is not None else adapted_layers(list(f.keys()), cfg)
+            out.update({n: hyperspherical_energy(f.get_tensor(n)) for n in wanted if n in f.keys()})
+    return out
+
+
+def layer_energies(reference_dir: Path, merged_dir: Path, cfg: Config, reference: dict[str, float]
+                   ) -> list[dict[str, Any]]:
+    """HE of each adapted layer's weight in the reference and in the merged policy, and the change.
+    `reference` holds the reference's energies already computed (for earlier runs) and is filled in."""
+    policy = weight_energies(merged_dir, cfg=cfg)
+    missing = [n for n in policy if n not in reference]
+    if missing:
+        reference.update(weight_energies(reference_dir, missing))
+    strip = len(".weight")
+    return M.energy_change({n[:-strip]: reference[n] for n in policy}, {n[:-strip]: e for n, e in policy.items()})
 
 
 def sample_model(model_dir: Path, prompt_ids: list[list[int]], probe_ids: list[list[int]], cfg: Config
@@ -169,27 +186,29 @@ def knowledge_accuracy(answers: list[dict], probes: list[dict]) -> float | None:
     return sum(probe_correct(p, a["text"]) for p, a in zip(probes, answers)) / len(probes)
 
 
-def write_samples(sampled: dict[str, dict[str, list[dict]]], path: Path) -> None:
-    """Every sample and probe answer of every model, one JSON line each (published atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for model, parts in sampled.items():
-            for row in parts["samples"] + parts["probes"]:
-                f.write(json.dumps({"model": model, **row}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+def write_samples(sampled: dict[str, dict[str, list[dict]]], path: Store) -> None:
+    """Every sample and probe answer of every model, one JSON line each (written whole)."""
+    path.write_text("".join(json.dumps({"model": model, **row}, ensure_ascii=False) + "\n"
+                            for model, parts in sampled.items() for row in parts["samples"] + parts["probes"]))
 
 
-def sweep_section(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
+def sweep_tables(run_dir: Store) -> list[Store]:
+    """The sweeps' results tables under <run_dir>/sweep, oldest first."""
+    tables = [t for t in run_dir.child("sweep").files("results.parquet", recursive=True)
+              if t.path.count("/") == run_dir.child("sweep").path.count("/") + 2]  # <sweep>/results.parquet
+    return sorted(tables, key=lambda t: t.fs.get_file_info(t.path).mtime_ns or 0)
+
+
+def sweep_section(run_dir: Store, cfg: Config) -> dict[str, Any] | None:
     """The newest sweep table under <run_dir>/sweep, as the report's sweep section (None if no sweep ran)."""
     import pyarrow.parquet as pq
 
     from ropo_ray.tune.sweep import METRIC, OBJECTIVE_MODES, pick_best
 
-    tables = sorted((run_dir / "sweep").glob("*/results.parquet"), key=lambda p: p.stat().st_mtime)
+    tables = sweep_tables(run_dir)
     if not tables:
         return None
-    rows = pq.read_table(tables[-1]).to_pylist()
+    rows = pq.read_table(tables[-1].path, filesystem=tables[-1].fs).to_pylist()
     mode = OBJECTIVE_MODES[cfg.tune.objective]
     try:
         best = pick_best(rows, mode)
@@ -202,14 +221,16 @@ def sweep_section(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     return {"objective": METRIC, "mode": mode, "rows": clean, "best": {k: best.get(k) for k in searched}}
 
 
-def held_out_pairs(prepared: Path | None) -> list[dict]:
+def held_out_pairs(prepared: str | Path | Store | None) -> list[dict]:
     """The prepared held-out split (token ids), or nothing when there is none."""
-    if prepared is None or not (prepared / "eval").is_dir():
+    parts = store(prepared).child("eval").files(".parquet") if prepared is not None else []
+    if not parts:
         return []
     import pyarrow.dataset as pads
 
     columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    return pads.dataset(str(prepared / "eval"), format="parquet").to_table(columns=columns).to_pylist()
+    return pads.dataset([p.path for p in parts], format="parquet", filesystem=parts[0].fs
+                        ).to_table(columns=columns).to_pylist()
 
 
 def _block(base: dict, ref_base: dict, extra: dict[str, Any]) -> dict[str, Any]:
@@ -239,14 +260,18 @@ def _examples(samples: list[dict], prompts: list[dict], rewards: list[float] | N
              "reward": None if rewards is None else rewards[i]} for i in firsts]
 
 
-def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: list[Path], prepared: Path | None,
-             out_dir: Path, log: Log = print) -> dict[str, Any]:
-    """Sample, score and report the reference and every exported run; returns the report's paths and dict."""
+def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: list[str | Path | Store],
+             prepared: str | Path | Store | None, out_dir: str | Path | Store, log: Log = print) -> dict[str, Any]:
+    """Sample, score and report the reference and every exported run; returns the report's paths and dict.
+
+    Exports and the report folder may be object-store URIs: exports are downloaded once into the
+    local mirror (transformers and vLLM read local files), the report is written straight there."""
     from ropo_ray.eval.report import write_report
     from ropo_ray.eval.scoring import score_logps, score_rewards
+    from ropo_ray.runs import mirror_dir
     from ropo_ray.train.model_io import load_tokenizer
 
-    out_dir = Path(out_dir)
+    out_dir = store(out_dir)
     fingerprint = evaluation_fingerprint(cfg, reference_dir, exports)
     published = published_report(out_dir, fingerprint)
     if published is not None:
@@ -258,7 +283,7 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
     prompts, probes = eval_inputs(cfg, reference_dir)
     prompt_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
     probe_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in probes]
-    runs = [read_run(Path(e)) for e in exports]
+    runs = [read_run(store(e).local_copy(mirror_dir(cfg), marker="run.json")) for e in exports]
     names = run_names(runs)
     pairs = held_out_pairs(prepared)
     eos = tokenizer.eos_token_id
@@ -271,7 +296,7 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
         timing[f"sample {name}"] = time.perf_counter() - clock
         clock = time.perf_counter()
     base = {name: sample_metrics(s["samples"], prompts, eos) for name, s in sampled.items()}
-    write_samples(sampled, Path(out_dir) / "samples.jsonl")
+    write_samples(sampled, out_dir.child("samples.jsonl"))
 
     rewards: dict[str, list[float] | None] = {name: b["rewards"] for name, b in base.items()}
     by = "task_reward"
@@ -285,14 +310,14 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
         timing["reward model"] = time.perf_counter() - clock
         clock = time.perf_counter()
 
-    report_runs, reference_nll = [], None
+    report_runs, reference_nll, reference_energy = [], None, {}
     for name, run in zip(names, runs):
         log(f"evaluate: scoring {name} under policy and reference (KL, preference accuracy, knowledge NLL)")
         rows = scoring_rows(sampled[name]["samples"], prompt_ids, probes, probe_ids, pairs, tokenizer)
         scored = scored_metrics(score_logps(rows, {"policy": run["merged"], "reference": reference_dir}, cfg.model,
                                             cfg.eval.score_batch_size), probes)
         reference_nll = scored["reference_knowledge_nll"]
-        energy = layer_energies(reference_dir, run["merged"], run["cfg"])
+        energy = layer_energies(reference_dir, run["merged"], run["cfg"], reference_energy)
         extra = {"kl_to_reference": scored["kl"]["k1"], "kl_k3": scored["kl"]["k3"],
                  "kl_stderr": scored["kl"]["k1_stderr"], "preference_accuracy": scored["preference_accuracy"],
                  "knowledge_accuracy": knowledge_accuracy(sampled[name]["probes"], probes),
@@ -326,34 +351,34 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
                       "lengths": base["reference"]["lengths"],
                       "examples": _examples(sampled["reference"]["samples"], prompts, rewards["reference"],
                                             cfg.eval.examples)},
-        "runs": report_runs, "sweep": sweep_section(Path(cfg.pipeline.run_dir), cfg), "timing": timing,
+        "runs": report_runs, "sweep": sweep_section(Store(cfg.pipeline.run_dir), cfg), "timing": timing,
     }
     paths = write_report(report, out_dir)
-    (out_dir / "manifest.json").write_text(json.dumps({"fingerprint": fingerprint}), encoding="utf-8")  # last
+    out_dir.child("manifest.json").write_json({"fingerprint": fingerprint})  # last
     log(f"evaluate: report in {paths['html']} (and report.json beside it)")
-    return {"report": report, "paths": {k: str(v) for k, v in paths.items()}}
+    return {"report": report, "paths": {k: v.location for k, v in paths.items()}}
 
 
-def evaluation_fingerprint(cfg: Config, reference_dir: Path, exports: list[Path]) -> str:
+def evaluation_fingerprint(cfg: Config, reference_dir: Path, exports: list[str | Path | Store]) -> str:
     """What a report depends on: the eval settings, the reference's weights and every run's trained weights."""
     from dataclasses import asdict
 
-    from ropo_ray.fingerprint import file_sha256, hash_json, model_fingerprint
+    from ropo_ray.fingerprint import hash_json, model_fingerprint
 
     settings = {k: v for k, v in asdict(cfg.eval).items() if k not in ("runs", "report_dir")}
-    runs = [{"path": str(Path(e).resolve()), "adapter": file_sha256(Path(e) / "adapter.safetensors")}
-            for e in exports]
+    runs = [{"path": store(e).display(), "adapter": store(e).child("adapter.safetensors").sha256()} for e in exports]
+    sweeps = [t.display() for t in sweep_tables(Store(cfg.pipeline.run_dir))]
     return hash_json({"eval": settings, "reference": model_fingerprint(reference_dir), "runs": runs,
-                      "model": asdict(cfg.model), "sweep": str(sorted((Path(cfg.pipeline.run_dir) / "sweep").glob(
-                          "*/results.parquet"))), "schema_version": 1})
+                      "model": asdict(cfg.model), "sweep": str(sorted(sweeps)), "schema_version": 1})
 
 
-def published_report(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+def published_report(out_dir: str | Path | Store, fingerprint: str) -> dict[str, Any] | None:
     """The report in out_dir if its manifest (written after the report) carries `fingerprint`."""
-    manifest, paths = out_dir / "manifest.json", {"json": out_dir / "report.json", "html": out_dir / "report.html"}
+    out_dir = store(out_dir)
+    manifest, paths = out_dir.child("manifest.json"), {"json": out_dir.child("report.json"),
+                                                       "html": out_dir.child("report.html")}
     if not manifest.is_file() or not all(p.is_file() for p in paths.values()):
         return None
-    if json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
+    if manifest.read_json().get("fingerprint") != fingerprint:
         return None
-    return {"report": json.loads(paths["json"].read_text(encoding="utf-8")),
-            "paths": {k: str(v) for k, v in paths.items()}, "reused": True}
+    return {"report": paths["json"].read_json(), "paths": {k: v.location for k, v in paths.items()}, "reused": True}

@@ -14,8 +14,6 @@ import functools
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from ropo_ray.eval import plots
+from ropo_ray.storage import Store, store
 
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 EXAMPLES_PER_RUN = 3
@@ -66,31 +65,16 @@ def _checked(report: dict) -> dict:
     return clean
 
 
-def write_report(report: dict, folder: Path) -> dict[str, Path]:
-    """Validate, then write report.json and report.html into `folder`, each atomically; returns their paths."""
+def write_report(report: dict, folder: str | Path | Store) -> dict[str, Store]:
+    """Validate, then write report.json and report.html into `folder` (local or an object-store URI),
+    each whole at once; returns where they are."""
     report = _checked(report)
     page = _render(report)  # before writing anything: a failing render leaves the old pair intact
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"json": folder / "report.json", "html": folder / "report.html"}
-    _write_atomic(paths["json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
-    _write_atomic(paths["html"], page)
+    folder = store(folder)
+    paths = {"json": folder.child("report.json"), "html": folder.child("report.html")}
+    paths["json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    paths["html"].write_text(page)
     return paths
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A temporary file in the same folder, then os.replace: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render_html(report: dict) -> str:

@@ -11,7 +11,6 @@ by a small Ray actor, so tests and the sweep can prove how many happened.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -34,6 +33,7 @@ from ropo_ray.refcache.store import (
     publish,
     verify,
 )
+from ropo_ray.storage import Store, store
 
 PAIR_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
 
@@ -107,12 +107,12 @@ def _with_tokens(batch: pa.Table) -> pa.Table:
                                                                            pa.int32()))
 
 
-def cache_dir_for(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+def cache_dir_for(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path) -> tuple[Store, dict[str, Any]]:
     fields = key_fields(model_dir, tokenizer_dir, cfg.data, cfg.model)
-    return Path(cfg.cache.root) / cache_key(fields), fields
+    return Store(cfg.cache.root).child(cache_key(fields)), fields
 
 
-def _trusted_manifest(cache_dir: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+def _trusted_manifest(cache_dir: Store, log: Callable[[str], None]) -> dict[str, Any] | None:
     """The verified manifest, or None (a corrupt cache is removed so it is rebuilt, never trusted)."""
     if not cache_dir.exists():
         return None
@@ -120,20 +120,24 @@ def _trusted_manifest(cache_dir: Path, log: Callable[[str], None]) -> dict[str, 
         return verify(cache_dir)
     except CacheCorrupt as err:
         log(f"cache: {err}; rebuilding {cache_dir}")
-        shutil.rmtree(cache_dir)
+        cache_dir.remove()
         return None
 
 
 def _score(missing: ray.data.Dataset, cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, counter: Any,
-           cache_dir: Path, rows_per_part: int = 200_000) -> list[Path]:
-    """Reference log-probs of the missing pairs, written as uniquely named parts in a scratch folder.
+           cache_dir: Store, rows_per_part: int = 200_000) -> list[Path]:
+    """Reference log-probs of the missing pairs, written as uniquely named parts in a local scratch
+    folder (beside a local cache, so publishing is a rename; in the temp folder for a remote one).
 
     The input is sorted and materialised first and the driver consumes the actors' output, so the
     actor pool may hold every CPU (no read, sort or write task has to wait for one).
     """
+    import tempfile
+
     import pyarrow.parquet as pq
 
-    tmp = cache_dir.parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    parent = Path(tempfile.gettempdir()) if cache_dir.remote else Path(cache_dir.parent().path)
+    tmp = parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     # blocks of batch_rows rows, so every actor of the pool gets work (a sort can leave one big block)
     ordered = missing.sort("pair_width").repartition(target_num_rows_per_block=cfg.cache.batch_rows).materialize()
@@ -162,7 +166,8 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
     """Make sure every prepared pair has its reference log-probs in the cache; returns counts."""
     t0 = time.perf_counter()
     cache_dir, fields = cache_dir_for(cfg, model_dir, tokenizer_dir)
-    prepared = json.loads((Path(prepared_dir) / "manifest.json").read_text(encoding="utf-8"))
+    prepared_dir = store(prepared_dir)
+    prepared = prepared_dir.child("manifest.json").read_json()
     manifest = _trusted_manifest(cache_dir, log)
     counter = ForwardCounter.remote()
     if prepared["kept"] == 0:
@@ -170,13 +175,13 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
     if manifest and prepared["fingerprint"] in manifest.get("covered", []):
         total, n_missing = prepared["kept"], 0
     else:
-        splits = [str(Path(prepared_dir) / s) for s in ("train", "eval")
-                  if any((Path(prepared_dir) / s).glob("*.parquet"))]
-        pairs = ray.data.read_parquet(splits).select_columns(PAIR_COLUMNS)
+        parts = [p.path for s in ("train", "eval") for p in prepared_dir.child(s).files(".parquet")]
+        pairs = ray.data.read_parquet(parts, filesystem=prepared_dir.fs).select_columns(PAIR_COLUMNS)
         total = pairs.count()
         missing = pairs
         if manifest and manifest["parts"]:
-            known = ray.data.read_parquet(part_paths(cache_dir, manifest)).select_columns(["pair_id"])
+            known = ray.data.read_parquet(part_paths(cache_dir, manifest), filesystem=cache_dir.fs
+                                          ).select_columns(["pair_id"])
             missing = pairs.join(known, join_type="left_anti", num_partitions=max(2, cfg.cache.num_actors * 2),
                                  on=("pair_id",))
         missing = missing.map_batches(_with_tokens, batch_format="pyarrow").materialize()
@@ -186,7 +191,7 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
         if parts:
             shutil.rmtree(parts[0].parent, ignore_errors=True)
     counts = ray.get(counter.totals.remote())
-    summary = {"cache_dir": str(cache_dir), "key": cache_dir.name, "pairs": total, "computed": n_missing,
+    summary = {"cache_dir": cache_dir.location, "key": cache_dir.name, "pairs": total, "computed": n_missing,
                "reused": total - n_missing, "reference_forwards": counts["forwards"],
                "scored_pairs": counts["pairs"], "actor_seconds": counts["seconds"], "cache_rows": manifest["rows"],
                "seconds": time.perf_counter() - t0}

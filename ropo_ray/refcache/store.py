@@ -8,13 +8,11 @@ The key hashes exactly what changes the numbers (DESIGN.md): the reference weigh
 tokenizer files (chat template included), truncation settings and dtype. Not beta, lr, block sizes,
 adapter, seeds or the dataset: entries are found by pair_id, so datasets sharing pairs share entries
 and a grown dataset computes only its new pairs. A manifest that does not match its files is a miss,
-never a silent hit.
+never a silent hit. The cache root may be local or an object-store URI (ropo_ray.storage).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ropo_ray.config.schema import DataConfig, ModelConfig
 from ropo_ray.fingerprint import file_sha256, hash_json, model_fingerprint, tokenizer_fingerprint
+from ropo_ray.storage import Store, store
 
 MANIFEST = "manifest.json"
 CACHE_SCHEMA = pa.schema([
@@ -50,29 +49,28 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hash_json(fields)[:32]
 
 
-def read_manifest(cache_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(cache_dir) / MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def read_manifest(cache_dir: str | Path | Store) -> dict[str, Any] | None:
+    return store(cache_dir).child(MANIFEST).read_json_if_exists()
 
 
-def verify(cache_dir: str | Path) -> dict[str, Any]:
+def verify(cache_dir: str | Path | Store) -> dict[str, Any]:
     """The manifest, after checking every part's size, checksum and row count; CacheCorrupt otherwise."""
-    cache_dir = Path(cache_dir)
+    cache_dir = store(cache_dir)
     manifest = read_manifest(cache_dir)
     if manifest is None:
         raise CacheCorrupt(f"{cache_dir}: no {MANIFEST}")
     listed = {p["name"] for p in manifest["parts"]}
-    extra = sorted(p.name for p in cache_dir.glob("*.parquet") if p.name not in listed)
+    extra = sorted(p.name for p in cache_dir.files(".parquet") if p.name not in listed)
     if extra:
         raise CacheCorrupt(f"{cache_dir}: parts not in the manifest: {extra}")
     for part in manifest["parts"]:
-        path = cache_dir / part["name"]
+        path = cache_dir.child(part["name"])
         if not path.is_file():
             raise CacheCorrupt(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != part["bytes"] or file_sha256(path) != part["sha256"]:
+        if path.size() != part["bytes"] or path.sha256() != part["sha256"]:
             raise CacheCorrupt(f"{path}: size or checksum differs from the manifest (altered after publishing)")
         try:
-            rows = pq.ParquetFile(path).metadata.num_rows
+            rows = _parquet_rows(path)
         except Exception as err:  # an unreadable file is corruption whatever pyarrow calls it
             raise CacheCorrupt(f"{path}: unreadable ({err})") from err
         if rows != part["rows"]:
@@ -80,43 +78,47 @@ def verify(cache_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def cached_pair_ids(cache_dir: str | Path) -> set[str]:
-    """pair_ids already in the cache (only that column is read)."""
-    parts = sorted(Path(cache_dir).glob("*.parquet"))
-    return {pid for p in parts for pid in pq.read_table(p, columns=["pair_id"])["pair_id"].to_pylist()}
+def _parquet_rows(part: Store) -> int:
+    with part.fs.open_input_file(part.path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
-def publish(cache_dir: str | Path, new_parts: list[Path], fields: dict[str, Any], covered: str | None = None
+def publish(cache_dir: str | Path | Store, new_parts: list[Path], fields: dict[str, Any], covered: str | None = None
             ) -> dict[str, Any]:
-    """Move finished parts into the cache and replace the manifest atomically (written last).
+    """Move finished local parts into the cache, then replace the manifest (written last, whole).
 
     `covered` names a prepared dataset (its fingerprint) all of whose pairs are now in the cache,
     so the next run over it is a hit without even a lookup.
     """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = store(cache_dir)
+    cache_dir.makedirs()
     manifest = read_manifest(cache_dir) or {"key": cache_key(fields), "fields": fields, "parts": [], "covered": []}
     if covered and covered not in manifest.setdefault("covered", []):
         manifest["covered"].append(covered)
     for src in new_parts:
-        dst = cache_dir / src.name
-        shutil.move(str(src), dst)
-        manifest["parts"].append({"name": dst.name, "rows": pq.ParquetFile(dst).metadata.num_rows,
-                                  "bytes": dst.stat().st_size, "sha256": file_sha256(dst)})
+        entry = {"name": src.name, "rows": pq.ParquetFile(src).metadata.num_rows, "bytes": src.stat().st_size,
+                 "sha256": file_sha256(src)}
+        dst = cache_dir.child(src.name)
+        if cache_dir.remote:
+            dst.upload(src)
+            src.unlink()
+        else:
+            shutil.move(str(src), dst.path)
+        manifest["parts"].append(entry)
     manifest["rows"] = sum(p["rows"] for p in manifest["parts"])
-    tmp = cache_dir / f"{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    os.replace(tmp, cache_dir / MANIFEST)
+    cache_dir.child(MANIFEST).write_json(manifest)
     return manifest
 
 
-def part_paths(cache_dir: str | Path, manifest: dict[str, Any]) -> list[str]:
-    """The Parquet parts the manifest lists (never other files in the folder)."""
-    return [str(Path(cache_dir) / p["name"]) for p in manifest["parts"]]
+def part_paths(cache_dir: str | Path | Store, manifest: dict[str, Any]) -> list[str]:
+    """The Parquet parts the manifest lists (never other files in the folder), as paths on the cache's
+    filesystem (`store(cache_dir).fs`)."""
+    return [store(cache_dir).child(p["name"]).path for p in manifest["parts"]]
 
 
-def read_entries(cache_dir: str | Path) -> pa.Table:
+def read_entries(cache_dir: str | Path | Store) -> pa.Table:
     """The whole verified cache as one table (for single-process use and tests; Ray reads it lazily)."""
+    cache_dir = store(cache_dir)
     manifest = verify(cache_dir)
-    tables = [pq.read_table(p) for p in part_paths(cache_dir, manifest)]
+    tables = [pq.read_table(p, filesystem=cache_dir.fs) for p in part_paths(cache_dir, manifest)]
     return pa.concat_tables(tables) if tables else CACHE_SCHEMA.empty_table()

@@ -4,14 +4,14 @@ The driver joins the prepared pairs with the cached reference log-probs (Ray Dat
 sizes the run, and fits a TorchTrainer whose workers run `ropo_ray.train.worker`. Checkpoints live
 under <run_dir>/ray/<name>; running the same run again resumes from its latest checkpoint, and
 FailureConfig restarts a group that lost a worker from there. The final checkpoint carries the
-export (merged HF folder + adapter weights + config), copied to <run_dir>/model.
+export (merged HF folder + adapter weights + config), copied to <run_dir>/model. The run folder may
+be an object-store URI: Ray Train writes the checkpoints there through the same filesystem.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +22,9 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ropo_ray.config.schema import Config
+from ropo_ray.fingerprint import training_fingerprint
 from ropo_ray.refcache.store import part_paths, verify
+from ropo_ray.storage import Store, store
 from ropo_ray.train.model_io import load_tokenizer
 from ropo_ray.train.worker import train_loop_per_worker
 
@@ -36,34 +38,51 @@ class MetricsLog(UserCallback):
     Runs in the Ray Train controller; the file is the run's training curve for reports and tests.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
+    def __init__(self, location: str) -> None:
+        self.location = location
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         record = {**metrics[0], "time": time.time(), "checkpoint": checkpoint.path if checkpoint else None}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        Store(self.location).append_line(json.dumps(record))
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: str | Path | Store) -> list[dict[str, Any]]:
     """The records a MetricsLog wrote, oldest first."""
-    if not Path(path).is_file():
+    path = store(path)
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def joined_dataset(prepared: Path, cache_dir: Path, split: str, partitions: int) -> tuple[ray.data.Dataset, int]:
+BLOCK_ROWS = 512
+
+
+def joined_dataset(prepared: str | Path | Store, cache_dir: str | Path | Store, split: str, partitions: int
+                   ) -> tuple[ray.data.Dataset, int]:
     """Prepared pairs of `split` joined with the cache by pair_id (materialised), and the row count.
+
+    The rows come out in one order whatever the cluster's timing: sorted by pair_id (a content hash,
+    so a pseudo-random order), then split into equal blocks of at most about BLOCK_ROWS rows (a split
+    repartition: sizes from the row count alone), kept in order. A hash join's
+    output order depends on which task finishes first, and the sort's block boundaries on random
+    sampling; both would change the batches (the local shuffle buffer fills block by block), the
+    split between workers, and the position a resumed run skips to.
 
     A pair without a cache entry is an error, never silently dropped from training.
     """
-    parts = sorted((prepared / split).glob("*.parquet"))
+    prepared, cache_dir = store(prepared), store(cache_dir)
+    parts = prepared.child(split).files(".parquet")
     if not parts:
         return ray.data.from_items([]), 0
-    pairs = ray.data.read_parquet([str(p) for p in parts]).select_columns(PAIR_COLUMNS)
-    cache = ray.data.read_parquet(part_paths(cache_dir, verify(cache_dir))).select_columns(REF_COLUMNS)
-    joined = pairs.join(cache, join_type="inner", num_partitions=partitions, on=("pair_id",)).materialize()
-    expected, found = pairs.count(), joined.count()
+    pairs = ray.data.read_parquet([p.path for p in parts], filesystem=prepared.fs).select_columns(PAIR_COLUMNS)
+    cache = ray.data.read_parquet(part_paths(cache_dir, verify(cache_dir)), filesystem=cache_dir.fs
+                                  ).select_columns(REF_COLUMNS)
+    expected = pairs.count()
+    joined = (pairs.join(cache, join_type="inner", num_partitions=partitions, on=("pair_id",))
+              .sort("pair_id").repartition(max(1, math.ceil(expected / BLOCK_ROWS))))
+    joined.context.execution_options.preserve_order = True
+    joined = joined.materialize()
+    found = joined.count()
     if found != expected:
         raise ValueError(f"{expected - found} of {expected} {split} pairs have no cached reference log-probs "
                          f"in {cache_dir}; run the cache stage")
@@ -81,7 +100,7 @@ def total_steps(rows: int, cfg: Config) -> int:
     return max(1, min(steps, tc.max_steps) if tc.max_steps else steps)
 
 
-def training_datasets(cfg: Config, cache_dir: Path, prepared: Path) -> dict[str, Any]:
+def training_datasets(cfg: Config, cache_dir: str | Path | Store, prepared: str | Path | Store) -> dict[str, Any]:
     """The train and eval splits joined with the cache (materialised), with their row counts.
 
     Built once by a driver and handed to every TorchTrainer that trains on them (a sweep's trials
@@ -101,70 +120,65 @@ class FinishedRun:
         self.checkpoint = None
 
 
-def training_fingerprint(cfg: Config) -> str:
-    """A hash of every setting that changes what a training run produces."""
-    from dataclasses import asdict
-
-    from ropo_ray.fingerprint import hash_json
-
-    return hash_json({k: asdict(getattr(cfg, k)) for k in ("model", "adapter", "loss", "train", "data")})
-
-
-def finished_export(run_dir: Path, name: str, cfg: Config) -> FinishedRun | None:
+def finished_export(run_dir: str | Path | Store, name: str, cfg: Config) -> FinishedRun | None:
     """The published export of run `name` made with these settings in run_dir/model, if complete
     (run.json is written after everything else)."""
-    marker = Path(run_dir) / "model" / "run.json"
-    if not marker.is_file() or not (marker.parent / "merged").is_dir():
+    marker = store(run_dir).child("model", "run.json")
+    if not marker.is_file() or not marker.sibling("merged").is_dir():
         return None
-    record = json.loads(marker.read_text(encoding="utf-8"))
+    record = marker.read_json()
     same = record.get("name") == name and record.get("fingerprint") == training_fingerprint(cfg)
     return FinishedRun(record["metrics"]) if same else None
 
 
-def train_ray(cfg: Config, model_dir: Path, cache_dir: Path, prepared: Path, run_dir: Path, name: str = "train",
+def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepared: str | Path | Store,
+              run_dir: str | Path | Store, name: str = "train",
               log: Callable[[str], None] = print, callbacks: list[Any] | None = None,
               datasets: dict[str, Any] | None = None) -> Any:
     """Fit the TorchTrainer (resuming a run of the same name) and copy its export to run_dir/model.
 
     `datasets`: from `training_datasets` when the caller already joined them."""
     tc = cfg.train
+    run_dir = store(run_dir)
     finished = finished_export(run_dir, name, cfg)
     if finished is not None:
-        log(f"train: {name} already finished; its export in {run_dir / 'model'} is up to date")
+        log(f"train: {name} already finished; its export in {run_dir.child('model')} is up to date")
         return finished
     datasets = datasets or training_datasets(cfg, cache_dir, prepared)
     train_ds, n_train, eval_ds, n_eval = (datasets[k] for k in ("train", "n_train", "eval", "n_eval"))
     steps = total_steps(n_train, cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model)
     backend = tc.backend if tc.backend != "auto" else ("nccl" if tc.use_gpu else "gloo")
-    storage = (run_dir / "ray").resolve()
+    storage = run_dir.child("ray")
     log(f"train: {n_train} pairs ({n_eval} held out), {tc.num_workers} workers x {tc.micro_batch_size} pairs, "
-        f"ZeRO-{tc.zero_stage}, {backend}, {steps} steps; checkpoints in {storage / name}")
+        f"ZeRO-{tc.zero_stage}, {backend}, {steps} steps; checkpoints in {storage.child(name)}")
+    metrics_log = run_dir.child(f"{name}_metrics.jsonl")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "model_dir": str(model_dir.resolve()), "pad_id": tokenizer.pad_token_id,
+        train_loop_config={"cfg": cfg, "model_dir": str(Path(model_dir).resolve()), "pad_id": tokenizer.pad_token_id,
                            "eos_id": tokenizer.eos_token_id,
-                           "total_steps": steps, "tensorboard_dir": str((run_dir / "tensorboard").resolve())},
+                           "total_steps": steps, "tensorboard_dir": run_dir.child("tensorboard").location},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         torch_config=TorchConfig(backend=backend),
         datasets={"train": train_ds, "eval": eval_ds},
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             callbacks=[MetricsLog(run_dir.resolve() / f"{name}_metrics.jsonl"), *(callbacks or [])],
+        run_config=RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.fs,
+                             callbacks=[MetricsLog(metrics_log.location), *(callbacks or [])],
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
     result = trainer.fit()
     if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as folder:
-            if (Path(folder) / "export").is_dir():
-                target = run_dir / "model"
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.copytree(Path(folder) / "export", target)
-                metrics_log = run_dir / f"{name}_metrics.jsonl"
-                if metrics_log.exists():  # the training curve travels with the model it made
-                    shutil.copyfile(metrics_log, target / "metrics.jsonl")
-                record = {"name": name, "fingerprint": training_fingerprint(cfg), "metrics": dict(result.metrics)}
-                (target / "run.json").write_text(json.dumps(record, default=str), encoding="utf-8")
-                log(f"train: merged model and adapter weights in {target}")
+        relative = result.checkpoint.path[len(storage.path.rstrip("/")) + 1:]  # checkpoints live under storage
+        export = storage.child(*relative.split("/"), "export")
+        if export.is_dir():
+            target = run_dir.child("model")
+            scratch = target.scratch()
+            scratch.copy_from(export)
+            if metrics_log.is_file():  # the training curve travels with the model it made
+                scratch.child("metrics.jsonl").copy_from(metrics_log)
+            record = {"name": name, "fingerprint": training_fingerprint(cfg), "metrics": dict(result.metrics)}
+            scratch.child("run.json").write_json(record)
+            target.publish_from(scratch, "run.json")
+            log(f"train: merged model and adapter weights in {target}")
     return result

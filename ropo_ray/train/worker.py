@@ -252,18 +252,32 @@ def _step_record(run: _Run) -> dict[str, float]:
     return record
 
 
-def _tensorboard(folder: str | None, rank: int) -> Any:
-    if not folder or rank != 0:
-        return None
-    from tensorboardX import SummaryWriter
+class TensorBoardLog:
+    """Rank 0's TensorBoard event file. A remote run folder gets the file written locally and
+    uploaded after every flush (event files are small), so the store always holds the curve."""
 
-    return SummaryWriter(folder)
+    def __init__(self, location: str) -> None:
+        from tensorboardX import SummaryWriter
+
+        from ropo_ray.storage import Store
+
+        self.store = Store(location)
+        self.local = tempfile.mkdtemp(prefix="ropo-tb-") if self.store.remote else self.store.path
+        self.writer = SummaryWriter(self.local)
+
+    def log(self, record: dict[str, float]) -> None:
+        for key, value in record.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, int(record["step"]))
+        self.writer.flush()
+        if self.store.remote:
+            self.store.upload(self.local)
 
 
-def _log(writer: Any, record: dict[str, float]) -> None:
-    if writer is None:
-        return
-    for key, value in record.items():
-        if key != "step":
-            writer.add_scalar(key, value, int(record["step"]))
-    writer.flush()
+def _tensorboard(location: str | None, rank: int) -> TensorBoardLog | None:
+    return TensorBoardLog(location) if location and rank == 0 else None
+
+
+def _log(writer: TensorBoardLog | None, record: dict[str, float]) -> None:
+    if writer is not None:
+        writer.log(record)

@@ -15,7 +15,6 @@ accepts unchanged), and runs/<trial_id>/ (each trial's config, checkpoints, metr
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from ray import tune
 from ropo_ray.config import save_config, with_overrides
 from ropo_ray.config.schema import Config
 from ropo_ray.fingerprint import hash_json
+from ropo_ray.storage import Store, store
 from ropo_ray.train.ray_trainer import read_metrics, total_steps, train_ray, training_datasets
 from ropo_ray.tune.space import param_space, trial_overrides
 
@@ -83,9 +83,9 @@ def trial_key(values: dict[str, Any]) -> str:
     return "t-" + hash_json(trial_overrides(values))[:12]
 
 
-def finished_record(folder: Path, steps: int) -> dict[str, Any] | None:
+def finished_record(folder: Store, steps: int) -> dict[str, Any] | None:
     """The final record of a run in `folder` that trained all `steps` and checkpointed its export."""
-    records = [r for r in read_metrics(folder / "train_metrics.jsonl") if r.get("step") == steps]
+    records = [r for r in read_metrics(folder.child("train_metrics.jsonl")) if r.get("step") == steps]
     return records[-1] if records and records[-1].get("checkpoint") else None
 
 
@@ -100,14 +100,13 @@ def _trial(values: dict[str, Any], base: Config, model_dir: str, cache_dir: str,
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(base, values)
-    folder = Path(runs_dir) / trial_key(values)
+    folder = Store(runs_dir).child(trial_key(values))
     done = finished_record(folder, steps)
     if done is not None:
         tune.report({k: v for k, v in done.items() if k not in ("time", "checkpoint")})
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, folder / "config.yaml")
-    train_ray(cfg, Path(model_dir), Path(cache_dir), Path(prepared), folder, name="train",
+    save_config(cfg, folder.child("config.yaml"))
+    train_ray(cfg, Path(model_dir), cache_dir, prepared, folder, name="train",
               callbacks=[TuneReportCallback()], datasets=datasets)
 
 
@@ -137,12 +136,13 @@ def _scheduler(cfg: Config, steps: int) -> Any:
                          reduction_factor=cfg.tune.reduction_factor)
 
 
-def _tuner(cfg: Config, trainable: Any, storage: Path, name: str, steps: int, log: Callable[[str], None]
+def _tuner(cfg: Config, trainable: Any, storage: Store, name: str, steps: int, log: Callable[[str], None]
            ) -> tune.Tuner:
-    path = storage / name
-    if tune.Tuner.can_restore(str(path)):
+    path = storage.child(name)
+    if tune.Tuner.can_restore(path.path, storage_filesystem=storage.fs):
         log(f"sweep: resuming the interrupted sweep in {path} (finished trials are kept)")
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(path.path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage.fs)
     metric, mode = METRIC, OBJECTIVE_MODES[cfg.tune.objective]
     concurrent = max_concurrent_trials(cfg)
     return tune.Tuner(
@@ -151,7 +151,7 @@ def _tuner(cfg: Config, trainable: Any, storage: Path, name: str, steps: int, lo
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=_search_alg(cfg, metric, mode, concurrent),
                                     scheduler=_scheduler(cfg, steps), num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage)),
+        run_config=tune.RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.fs),
     )
 
 
@@ -195,11 +195,13 @@ def penalties(cfg: Config) -> str:
     return "".join(f" + {w} x {name}" for w, name in ((tc.kl_penalty, "KL"), (tc.length_penalty, "length growth")) if w)
 
 
-def write_table(rows: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
+def write_table(rows: list[dict[str, Any]], folder: Store) -> tuple[Store, Store]:
     table = pa.Table.from_pylist(rows)
-    pq.write_table(table, folder / "results.parquet")
-    pacsv.write_csv(table, folder / "results.csv")
-    return folder / "results.csv", folder / "results.parquet"
+    csv_path, parquet_path = folder.child("results.csv"), folder.child("results.parquet")
+    pq.write_table(table, parquet_path.path, filesystem=folder.fs)
+    with folder.fs.open_output_stream(csv_path.path) as f:
+        pacsv.write_csv(table, f)
+    return csv_path, parquet_path
 
 
 def dashboard_url() -> str:
@@ -209,7 +211,7 @@ def dashboard_url() -> str:
         return ""
 
 
-def run_sweep(cfg: Config, model_dir: Path, cache: dict[str, Any], prepared: Path,
+def run_sweep(cfg: Config, model_dir: Path, cache: dict[str, Any], prepared: str | Path | Store,
               log: Callable[[str], None] = print, trial: Callable[..., None] = _trial) -> dict[str, Any]:
     """Run (or resume) the sweep; write the results table and best.yaml; return a summary.
 
@@ -218,16 +220,16 @@ def run_sweep(cfg: Config, model_dir: Path, cache: dict[str, Any], prepared: Pat
     that scores the reference itself first, as a sweep without a shared cache must).
     """
     t0 = time.perf_counter()
-    manifest = json.loads((prepared / "manifest.json").read_text(encoding="utf-8"))
-    steps = total_steps(manifest["train"], cfg)
-    storage = (Path(cfg.pipeline.run_dir) / "sweep").resolve()
+    prepared = store(prepared)
+    steps = total_steps(prepared.child("manifest.json").read_json()["train"], cfg)
+    storage = Store(cfg.pipeline.run_dir).child("sweep")
     name = sweep_name(cfg, cache["key"])
-    folder = storage / name
-    datasets = training_datasets(cfg, Path(cache["cache_dir"]), prepared)  # joined once, read by every trial
+    folder = storage.child(name)
+    datasets = training_datasets(cfg, cache["cache_dir"], prepared)  # joined once, read by every trial
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=cfg, model_dir=str(Path(model_dir).resolve()),
-                             cache_dir=str(Path(cache["cache_dir"]).resolve()), prepared=str(prepared.resolve()),
-                             runs_dir=str(folder / "runs"), datasets=datasets, steps=steps),
+                             cache_dir=Store(cache["cache_dir"]).location, prepared=prepared.location,
+                             runs_dir=folder.child("runs").location, datasets=datasets, steps=steps),
         DRIVER_RESOURCES)
     concurrent = max_concurrent_trials(cfg)
     log(f"sweep: {cfg.tune.search} search, {cfg.tune.num_samples} sample(s), {concurrent} trial(s) at once, "
@@ -235,19 +237,19 @@ def run_sweep(cfg: Config, model_dir: Path, cache: dict[str, Any], prepared: Pat
         f"{steps} steps per trial, scheduler {cfg.tune.scheduler} -> {folder}")
     url = dashboard_url()
     log(f"sweep: watch it on the Ray dashboard at {url or '<your cluster dashboard>'}, and the curves with "
-        f"`tensorboard --logdir {folder / 'runs'}`")
+        f"`tensorboard --logdir {folder.child('runs')}`")
     grid = _tuner(cfg, trainable, storage, name, steps, log).fit()
     searched = sorted(param_space(cfg))
     rows = results_rows(grid, steps, searched)
     csv_path, parquet_path = write_table(rows, folder)
     best = pick_best(rows, OBJECTIVE_MODES[cfg.tune.objective])
-    best_yaml = folder / "best.yaml"
+    best_yaml = folder.child("best.yaml")
     save_config(best_config(cfg, {k: best[k] for k in searched}), best_yaml)
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("completed", "stopped early", "error")}
-    summary = {"folder": str(folder), "trials": len(rows), **counts, "best_trial": best["trial_id"],
+    summary = {"folder": folder.location, "trials": len(rows), **counts, "best_trial": best["trial_id"],
                "best_values": {k: best[k] for k in searched}, "best_objective": best[METRIC],
-               "reference_forwards": cache["reference_forwards"], "results_csv": str(csv_path),
-               "results_parquet": str(parquet_path), "best_yaml": str(best_yaml),
+               "reference_forwards": cache["reference_forwards"], "results_csv": csv_path.location,
+               "results_parquet": parquet_path.location, "best_yaml": best_yaml.location,
                "seconds": time.perf_counter() - t0}
     log(f"sweep: {len(rows)} trials ({counts['completed']} completed, {counts['stopped early']} stopped early by "
         f"ASHA, {counts['error']} errored) in {summary['seconds']:.0f} s; reference forwards during the sweep: "

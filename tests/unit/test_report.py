@@ -176,7 +176,7 @@ def test_write_report_writes_both_files_atomically(written):
     assert set(written) == {"json", "html"}
     assert json.loads(written["json"].read_text()) == make_report()
     assert written["html"].read_text().startswith("<!DOCTYPE html>")
-    assert sorted(p.name for p in written["html"].parent.iterdir()) == ["report.html", "report.json"]  # no temp left
+    assert [f.name for f in written["html"].parent().files()] == ["report.html", "report.json"]  # no temp left
 
 
 # --- HTML -----------------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_console_errors_from_devtools_events():
 
 
 def test_report_renders_in_chromium_without_errors(chromium, written, tmp_path):
-    result = render_in_browser(written["html"], tmp_path / "report.png")
+    result = render_in_browser(Path(written["html"].path), tmp_path / "report.png")
     assert result["console_errors"] == []
     png = result["screenshot"].read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and result["bytes"] == len(png) > 10_000
