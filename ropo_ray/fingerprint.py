@@ -16,13 +16,11 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a local file's bytes (Store.sha256: any filesystem)."""
+    from ropo_ray.storage import Store
+
+    return Store(path).sha256()
 
 
 def files_fingerprint(folder: str | Path, names: tuple[str, ...] | None = None, pattern: str | None = None

@@ -76,8 +76,8 @@ def report_dir(cfg: Config) -> Store:
 
 
 def mirror_dir(cfg: Config) -> Path:
-    """Local disk for copies of remote folders that must be local files (models for transformers and
-    vLLM, the report while it is written)."""
+    """Local disk for copies of remote folders that must be local files (exported models, read by
+    transformers and vLLM)."""
     return Path(cfg.pipeline.artifacts_dir) / "mirror"
 
 
@@ -114,15 +114,13 @@ def run_cache(cfg: Config, model_dir: Path, log: Log = print) -> dict[str, Any]:
 
 def joined_rows(cfg: Config, cache_dir: str | Path | Store, split: str) -> list[dict]:
     """Prepared rows of `split` joined with their cached reference log-probs by pair_id (one process)."""
-    import pyarrow.dataset as pads
 
     from ropo_ray.refcache.store import read_entries
 
     cache = {r["pair_id"]: r for r in read_entries(cache_dir).to_pylist()}
     columns = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
-    parts = prepared_dir(cfg).child(split)
-    rows = pads.dataset([p.path for p in parts.files(".parquet")], format="parquet", filesystem=parts.fs
-                        ).to_table(columns=columns).to_pylist()
+    dataset = prepared_dir(cfg).child(split).parquet_dataset()
+    rows = dataset.to_table(columns=columns).to_pylist() if dataset is not None else []
     missing = [r["pair_id"] for r in rows if r["pair_id"] not in cache]
     if missing:
         raise ValueError(f"{len(missing)} {split} pairs have no cached reference log-probs (first: {missing[0]}); "

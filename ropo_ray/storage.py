@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 
@@ -35,18 +36,22 @@ def is_remote(location: str | Path) -> bool:
     return len(scheme) > 1 and scheme != "file"
 
 
+def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it): pyarrow's for a URI; the local one, with `~` expanded and the
+    path made absolute, for a local path or a file:// URI."""
+    location = str(location)
+    if is_remote(location):
+        return pafs.FileSystem.from_uri(location)
+    local = location[len("file://"):] if location.startswith("file://") else location
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
+
+
 class Store:
     """A folder on a local disk or in an object store: `Store("s3://b/run").child("data", "manifest.json")`."""
 
     def __init__(self, location: str | Path, _resolved: tuple[pafs.FileSystem, str] | None = None) -> None:
         self.location = str(location)
-        if _resolved is not None:
-            self.fs, self.path = _resolved
-        elif is_remote(self.location):
-            self.fs, self.path = pafs.FileSystem.from_uri(self.location)
-        else:
-            local = self.location[len("file://"):] if self.location.startswith("file://") else self.location
-            self.fs, self.path = pafs.LocalFileSystem(), str(Path(local).absolute())
+        self.fs, self.path = _resolved if _resolved is not None else resolve(self.location)
 
     @property
     def remote(self) -> bool:
@@ -115,15 +120,29 @@ class Store:
         return [Store(self._location_of(i.path), (self.fs, i.path)) for i in sorted(infos, key=lambda i: i.path)
                 if i.type == pafs.FileType.File and i.path.endswith(suffix)]
 
+    def folders(self) -> list[Store]:
+        """The folders directly inside this one, sorted by path; none when it does not exist."""
+        if not self.is_dir():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path))
+        return [Store(self._location_of(i.path), (self.fs, i.path)) for i in sorted(infos, key=lambda i: i.path)
+                if i.type == pafs.FileType.Directory]
+
     def _location_of(self, path: str) -> str:
         relative = path[len(self.path.rstrip("/")) + 1:]
         return self.child(*relative.split("/")).location
 
-    def sha256(self) -> str:
+    def parquet_dataset(self) -> pads.Dataset | None:
+        """The Parquet files directly in this folder as one pyarrow dataset; None when there are none."""
+        parts = self.files(".parquet")
+        return pads.dataset([p.path for p in parts], format="parquet", filesystem=self.fs) if parts else None
+
+    def sha256(self, chunk: int = 1 << 22) -> str:
+        """sha256 of the file's bytes, read in 4 MiB chunks."""
         digest = hashlib.sha256()
         with self.fs.open_input_stream(self.path) as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+            while block := f.read(chunk):
+                digest.update(block)
         return digest.hexdigest()
 
     # ---- reading and writing ------------------------------------------------------------------------
@@ -178,16 +197,15 @@ class Store:
         target.parent().makedirs()
         self.fs.move(self.path, target.path)
 
-    def upload(self, local: str | Path) -> None:
-        """Copy a local file or folder here (a folder's files keep their relative paths)."""
-        (self if Path(local).is_dir() else self.parent()).makedirs()
-        pafs.copy_files(str(local), self.path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
-
     def copy_from(self, source: Store) -> None:
-        """Copy a file or folder from any store here (server-side within one object store)."""
+        """Copy a file or folder from any store here (a folder's files keep their relative paths;
+        server-side within one object store)."""
         (self if source.is_dir() else self.parent()).makedirs()
         pafs.copy_files(source.path, self.path, source_filesystem=source.fs, destination_filesystem=self.fs)
+
+    def upload(self, local: str | Path) -> None:
+        """Copy a local file or folder here."""
+        self.copy_from(Store(local))
 
     def append_line(self, line: str) -> None:
         """Append one line: in place locally; an object store rewrites the object (small logs only)."""
@@ -201,11 +219,8 @@ class Store:
 
     def download(self, local: str | Path) -> Path:
         """Copy this file or folder to a local path; returns it."""
-        local = Path(local)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(self.path, str(local), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        return local
+        Store(local).copy_from(self)
+        return Path(local)
 
     # ---- publishing ---------------------------------------------------------------------------------
     def scratch(self) -> Store:
@@ -225,10 +240,8 @@ class Store:
             return
         self.child(marker).remove()
         self.remove()
-        files = scratch.files(recursive=True)
         prefix = scratch.path.rstrip("/") + "/"
-        last = [f for f in files if f.path == prefix + marker]
-        for f in [f for f in files if f.path != prefix + marker] + last:
+        for f in sorted(scratch.files(recursive=True), key=lambda f: f.path == prefix + marker):  # marker last
             f.move_to(self.child(*f.path[len(prefix):].split("/")))
         scratch.remove()
 

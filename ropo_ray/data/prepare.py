@@ -23,7 +23,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from ropo_ray.config.schema import Config, DataConfig, ModelConfig
 from ropo_ray.data.rows import RAW_SCHEMA, ROW_SCHEMA, iter_raw_rows, prepare_row, rejected_row
@@ -87,16 +86,10 @@ def read_manifest(out_dir: str | Path | Store) -> dict | None:
     return store(out_dir).child(MANIFEST).read_json_if_exists()
 
 
-def split_parts(out_dir: str | Path | Store, split: str) -> list[Store]:
-    """The Parquet parts of one split of a prepared folder."""
-    return store(out_dir).child(split).files(".parquet")
-
-
 def _count(folder: Store, columns: list[str] | None = None) -> pa.Table | int:
-    parts = folder.files(".parquet")
-    if not parts:
+    dataset = folder.parquet_dataset()
+    if dataset is None:
         return 0 if columns is None else pa.table({c: [] for c in columns})
-    dataset = pads.dataset([p.path for p in parts], format="parquet", filesystem=folder.fs)
     return dataset.count_rows() if columns is None else dataset.to_table(columns=columns)
 
 

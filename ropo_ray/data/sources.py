@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ropo_ray.config.schema import DataConfig
+from ropo_ray.storage import resolve
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -38,16 +39,8 @@ class InputFile:
 
 def filesystem_of(spec: str) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path inside it, scheme prefix for display)."""
-    if "://" in spec:
-        fs, path = pafs.FileSystem.from_uri(spec)
-        return fs, path, spec.split("://", 1)[0] + "://"
-    return pafs.LocalFileSystem(), str(pafs.LocalFileSystem().normalize_path(_abspath(spec))), ""
-
-
-def _abspath(path: str) -> str:
-    import os
-
-    return os.path.abspath(os.path.expanduser(path))
+    fs, path = resolve(spec)
+    return fs, path, spec.split("://", 1)[0] + "://" if "://" in spec else ""
 
 
 def _format_of(path: str) -> str | None:

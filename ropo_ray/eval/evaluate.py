@@ -193,9 +193,8 @@ def write_samples(sampled: dict[str, dict[str, list[dict]]], path: Store) -> Non
 
 
 def sweep_tables(run_dir: Store) -> list[Store]:
-    """The sweeps' results tables under <run_dir>/sweep, oldest first."""
-    tables = [t for t in run_dir.child("sweep").files("results.parquet", recursive=True)
-              if t.path.count("/") == run_dir.child("sweep").path.count("/") + 2]  # <sweep>/results.parquet
+    """The sweeps' results tables, <run_dir>/sweep/*/results.parquet, oldest first."""
+    tables = [t for t in (s.child("results.parquet") for s in run_dir.child("sweep").folders()) if t.is_file()]
     return sorted(tables, key=lambda t: t.fs.get_file_info(t.path).mtime_ns or 0)
 
 
@@ -223,14 +222,10 @@ def sweep_section(run_dir: Store, cfg: Config) -> dict[str, Any] | None:
 
 def held_out_pairs(prepared: str | Path | Store | None) -> list[dict]:
     """The prepared held-out split (token ids), or nothing when there is none."""
-    parts = store(prepared).child("eval").files(".parquet") if prepared is not None else []
-    if not parts:
+    dataset = store(prepared).child("eval").parquet_dataset() if prepared is not None else None
+    if dataset is None:
         return []
-    import pyarrow.dataset as pads
-
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    return pads.dataset([p.path for p in parts], format="parquet", filesystem=parts[0].fs
-                        ).to_table(columns=columns).to_pylist()
+    return dataset.to_table(columns=["prompt_ids", "chosen_ids", "rejected_ids"]).to_pylist()
 
 
 def _block(base: dict, ref_base: dict, extra: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +263,7 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
     local mirror (transformers and vLLM read local files), the report is written straight there."""
     from ropo_ray.eval.report import write_report
     from ropo_ray.eval.scoring import score_logps, score_rewards
-    from ropo_ray.runs import mirror_dir
+    from ropo_ray.runs import mirror_dir, run_store
     from ropo_ray.train.model_io import load_tokenizer
 
     out_dir = store(out_dir)
@@ -351,7 +346,7 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
                       "lengths": base["reference"]["lengths"],
                       "examples": _examples(sampled["reference"]["samples"], prompts, rewards["reference"],
                                             cfg.eval.examples)},
-        "runs": report_runs, "sweep": sweep_section(Store(cfg.pipeline.run_dir), cfg), "timing": timing,
+        "runs": report_runs, "sweep": sweep_section(run_store(cfg), cfg), "timing": timing,
     }
     paths = write_report(report, out_dir)
     out_dir.child("manifest.json").write_json({"fingerprint": fingerprint})  # last
@@ -364,10 +359,11 @@ def evaluation_fingerprint(cfg: Config, reference_dir: Path, exports: list[str |
     from dataclasses import asdict
 
     from ropo_ray.fingerprint import hash_json, model_fingerprint
+    from ropo_ray.runs import run_store
 
     settings = {k: v for k, v in asdict(cfg.eval).items() if k not in ("runs", "report_dir")}
     runs = [{"path": store(e).display(), "adapter": store(e).child("adapter.safetensors").sha256()} for e in exports]
-    sweeps = [t.display() for t in sweep_tables(Store(cfg.pipeline.run_dir))]
+    sweeps = [t.display() for t in sweep_tables(run_store(cfg))]
     return hash_json({"eval": settings, "reference": model_fingerprint(reference_dir), "runs": runs,
                       "model": asdict(cfg.model), "sweep": str(sorted(sweeps)), "schema_version": 1})
 

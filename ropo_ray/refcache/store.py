@@ -113,7 +113,8 @@ def publish(cache_dir: str | Path | Store, new_parts: list[Path], fields: dict[s
 def part_paths(cache_dir: str | Path | Store, manifest: dict[str, Any]) -> list[str]:
     """The Parquet parts the manifest lists (never other files in the folder), as paths on the cache's
     filesystem (`store(cache_dir).fs`)."""
-    return [store(cache_dir).child(p["name"]).path for p in manifest["parts"]]
+    folder = store(cache_dir)
+    return [folder.child(p["name"]).path for p in manifest["parts"]]
 
 
 def read_entries(cache_dir: str | Path | Store) -> pa.Table:

@@ -34,6 +34,7 @@ def test_write_read_list_and_remove(root):
     assert [f.name for f in root.child("data").files(".parquet", recursive=True)] == ["b.parquet", "c.parquet"]
     assert root.child("data", "b.parquet").size() == 5
     assert root.child("data", "b.parquet").sha256() == hashlib.sha256(b"12345").hexdigest()
+    assert [f.name for f in root.child("data").folders()] == ["sub"] and root.child("nothing").folders() == []
     listed = root.child("data").files(".parquet", recursive=True)[1]
     assert listed.read_text() == "abc"  # a listed file keeps the URI's options (endpoint, credentials)
     root.child("data", "sub").remove()
@@ -83,3 +84,17 @@ def test_display_hides_credentials_and_options(s3_server):
     assert s.display().startswith("s3://ropo-") and s.display().endswith("/run/data")
     assert "test:test" not in str(s) and "endpoint_override" not in str(s)
     assert "endpoint_override" in s.location and s.sibling("cache").location.split("?")[0].endswith("/run/cache")
+
+
+def test_parquet_dataset_reads_the_folders_parts(root):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = root.child("split")
+    assert folder.parquet_dataset() is None
+    for i, rows in enumerate(([1, 2], [3])):
+        folder.makedirs()
+        pq.write_table(pa.table({"x": rows}), folder.child(f"part-{i}.parquet").path, filesystem=folder.fs)
+    folder.child("manifest.json").write_json({})  # not a part
+    dataset = folder.parquet_dataset()
+    assert dataset.count_rows() == 3 and sorted(dataset.to_table()["x"].to_pylist()) == [1, 2, 3]
