@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -9,6 +10,8 @@ from torch import nn
 
 from ropo_ray.adapters.ropo_linear import RoPOLinear
 from ropo_ray.config.schema import AdapterConfig
+
+logger = logging.getLogger(__name__)
 
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:
@@ -35,8 +38,19 @@ def inject_ropo(model: nn.Module, cfg: AdapterConfig) -> list[str]:
                          f"linear layers here end in: {linear}")
     for name in names:
         base = model.get_submodule(name)
-        wrapped = RoPOLinear(base, cfg.block_sizes, cfg.mixing, cfg.cayley, cfg.neumann_terms, cfg.learn_magnitude)
+        wrapped = RoPOLinear(base, cfg.block_sizes, cfg.mixing, cfg.cayley, cfg.neumann_terms, cfg.learn_magnitude,
+                             cfg.kernel)
         _set_submodule(model, name, wrapped)
+    native_layers = sum(model.get_submodule(n).uses_native_kernel for n in names)
+    if cfg.kernel == "auto" and native_layers < len(names):
+        from ropo_ray.adapters import native
+
+        ok, why = native.available()
+        reason = why if not ok else f"mixing={cfg.mixing!r} is not banded in every layer"
+        logger.warning("RoPO: %d of %d layers apply the rotation with torch block matmuls, not the native "
+                       "band kernel (%s)", len(names) - native_layers, len(names), reason)
+    else:
+        logger.info("RoPO: %d layers, rotation by the %s kernel", len(names), "native band" if native_layers else "torch")
     return names
 
 

@@ -3,8 +3,10 @@
     y = (m / c) * (W (R^T x)) + bias        (ROPO_SPEC.md section 1; arXiv 2508.17637)
 
 W, bias frozen; c = row norms of W (fp32, computed once); m initialised to c and R to I, so the
-layer equals the base layer exactly at step 0. During training R is applied to the activations
-(batched small block matmuls), never materialised as W R^T. `merged_linear` folds it back for export.
+layer equals the base layer exactly at step 0. During training R is applied to the activations, never
+materialised as W R^T: on the CPU with banded mixing by the native band kernel (`kernel`: auto or
+native; see rotation.py and kernels/band_chain.c), otherwise as batched small block matmuls (`torch`,
+also the GPU path). `merged_linear` folds it back for export.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ropo_ray.adapters import native
 from ropo_ray.adapters.rotation import (
+    BandLayout,
     FactorLayout,
     Mixing,
     apply_rotation,
+    apply_rotation_banded,
+    band_layout,
     factor_blocks,
     factor_layouts,
     merge_weight,
@@ -35,6 +41,7 @@ class RoPOLinear(nn.Module):
         cayley: str = "exact",
         neumann_terms: int = 5,
         learn_magnitude: bool = True,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.base = base
@@ -48,6 +55,8 @@ class RoPOLinear(nn.Module):
         self.neumann_terms = neumann_terms
         self._layouts = factor_layouts(in_features, self.block_sizes, mixing)
         self._layouts_by_device: dict[torch.device, list[FactorLayout]] = {}
+        self.kernel = kernel
+        self._bands = self._band_layouts(kernel)
         weight = base.weight.detach()
         norms = weight.float().norm(dim=1)  # [n]
         # c is derived from the frozen W, so it is not saved with the adapter weights.
@@ -58,6 +67,31 @@ class RoPOLinear(nn.Module):
             nn.Parameter(torch.zeros(lay.num_blocks, num_skew_params(lay.block_size), device=weight.device))
             for lay in self._layouts
         )
+
+    def _band_layouts(self, kernel: str) -> list[BandLayout] | None:
+        """The factors' band layouts when the native kernel is to be used on CPU inputs, else None."""
+        if kernel == "torch":
+            return None
+        if kernel not in ("auto", "native"):
+            raise ValueError(f"adapter.kernel={kernel!r}: expected auto, native or torch")
+        bands = [band_layout(self.in_features, lay) for lay in self._layouts]
+        if any(band is None for band in bands):
+            if kernel == "native":
+                raise ValueError(f"adapter.kernel=native needs banded factors (mixing shift or none, input "
+                                 f"dimension >= 2 * block size - 1); mixing={self.mixing!r}, "
+                                 f"block_sizes={self.block_sizes}, in_features={self.in_features}")
+            return None
+        ok, why = native.available()
+        if not ok:
+            if kernel == "native":
+                raise native.KernelUnavailable(f"adapter.kernel=native: {why}")
+            return None
+        return bands
+
+    @property
+    def uses_native_kernel(self) -> bool:
+        """True when CPU float32/bfloat16 inputs go through the native band kernel."""
+        return self._bands is not None
 
     def layouts(self, device: torch.device) -> list[FactorLayout]:
         """The factor layouts with their index tensors on `device` (cached per device)."""
@@ -87,8 +121,10 @@ class RoPOLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.base(x)
-        layouts = self.layouts(x.device)
-        x_rot = apply_rotation(x, self.blocks(), layouts)  # [..., d] = x @ R
+        if self._bands is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            x_rot = apply_rotation_banded(x, self.blocks(), self._bands)  # [..., d] = x @ R
+        else:
+            x_rot = apply_rotation(x, self.blocks(), self.layouts(x.device))
         # Call the base module (not F.linear on its weight) so ZeRO-3 gathers its sharded weight.
         y = self.base(x_rot)  # [..., n] = W R^T x + b
         s = self.scale().to(y.dtype)
@@ -124,4 +160,4 @@ class RoPOLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, block_sizes={self.block_sizes}, "
-                f"mixing={self.mixing}, cayley={self.cayley}")
+                f"mixing={self.mixing}, cayley={self.cayley}, kernel={'native' if self._bands else 'torch'}")

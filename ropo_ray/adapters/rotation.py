@@ -21,12 +21,14 @@ identity on the padding (never a silently changed block size).
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+ctypes_int = ctypes.c_int
 Mixing = Literal["shift", "stride", "none"]
 
 
@@ -204,3 +206,94 @@ def merge_weight(weight: torch.Tensor, scale: torch.Tensor, blocks: list[torch.T
     """W' = diag(scale) W R^T for W [n, d] (rows are neurons): each row w_i -> scale_i * w_i @ R^T."""
     rotated = apply_rotation(weight.float(), blocks, layouts, inverse=True)  # [n, d]
     return (scale.float()[:, None] * rotated).to(weight.dtype)
+
+
+# --- The banded form (CPU kernel) --------------------------------------------------------------------
+#
+# With "shift" or "none" mixing, factor R_(b) only moves a coordinate within its block of b consecutive
+# coordinates (circularly: the shifted blocks wrap around the end), so R_(b) is a circulant band of
+# half-width w = b - 1:  (x @ R_(b))[i] = sum_{o=-w..w} x[(i + o) mod d] * c[o + w, i]. Applying the K
+# factors in this form needs no permutation copy and lets one pass over a row (in cache) apply all of
+# them (kernels/band_chain.c). "stride" mixing is not banded: it keeps the block-matmul form above.
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """Where each band coefficient c[k, i] (tap-major, [2w + 1, d]) comes from in the factor's blocks."""
+
+    width: int
+    index: torch.Tensor  # [2w + 1, d] long: position in blocks.reshape(-1) ([nb, b, b] flattened)
+    mask: torch.Tensor  # [2w + 1, d] 0/1: 1 where row (i + k - w) mod d and column i share a block
+    transpose_index: torch.Tensor  # [2w + 1, d] long: c^T[k, j] = c.reshape(-1)[transpose_index[k, j]]
+
+
+def band_layout(dim: int, layout: FactorLayout) -> BandLayout | None:
+    """The factor as a circulant band of half-width b - 1, or None when it is not one (stride mixing)."""
+    b = layout.block_size
+    w = b - 1
+    if dim < 2 * w + 1:  # offsets o and o - d would name the same coordinate
+        return None
+    inv = torch.arange(dim) if layout.inv_perm is None else layout.inv_perm.cpu()
+    cols = torch.arange(dim)[None, :]
+    offsets = torch.arange(-w, w + 1)[:, None]
+    rows = (cols + offsets) % dim  # [taps, d]: the input coordinate feeding output i through tap k
+    q, p = inv[rows], inv[cols].expand_as(rows)  # positions after the permutation
+    same = (q // b) == (p // b)
+    members = torch.bincount(inv // b, minlength=layout.num_blocks)[inv // b]  # real size of i's block
+    if not torch.equal(same.sum(0), members):  # some block-mate lies further than w away: not a band
+        return None
+    index = torch.where(same, (q // b) * b * b + (q % b) * b + (p % b), 0)
+    taps = torch.arange(2 * w + 1)[:, None]
+    transpose_index = (2 * w - taps) * dim + (cols + taps - w) % dim
+    return BandLayout(w, index, same.float(), transpose_index)
+
+
+def band_coefficients(blocks: torch.Tensor, band: BandLayout) -> torch.Tensor:
+    """The factor's band coefficients [2w + 1, d] (fp32) from its orthogonal blocks [nb, b, b]."""
+    return blocks.float().reshape(-1)[band.index.to(blocks.device)] * band.mask.to(blocks.device)
+
+
+class _BandChain(torch.autograd.Function):
+    """x @ R_(b1) ... R_(bK) by the native kernel; gradients for x and every factor's band coefficients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bands: tuple[BandLayout, ...], *coefs: torch.Tensor) -> torch.Tensor:
+        from ropo_ray.adapters.native import library
+
+        d = x.shape[-1]
+        rows = x.reshape(-1, d).contiguous()
+        packed = torch.cat([c.reshape(-1) for c in coefs]).contiguous()
+        widths = (ctypes_int * len(bands))(*[band.width for band in bands])
+        out = torch.empty_like(rows)
+        library().chain_forward(rows.data_ptr(), int(rows.dtype == torch.bfloat16), out.data_ptr(),
+                                int(out.dtype == torch.bfloat16), packed.data_ptr(), widths, len(bands),
+                                rows.shape[0], d, torch.get_num_threads())
+        ctx.save_for_backward(rows, packed)
+        ctx.bands, ctx.shape = bands, x.shape
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from ropo_ray.adapters.native import library
+
+        rows, packed = ctx.saved_tensors
+        bands, d = ctx.bands, rows.shape[-1]
+        g = grad.reshape(-1, d).contiguous()
+        sizes = [(2 * band.width + 1) * d for band in bands]
+        transposed = torch.cat([c[band.transpose_index.reshape(-1)] for c, band in zip(packed.split(sizes), bands)])
+        widths = (ctypes_int * len(bands))(*[band.width for band in bands])
+        grad_x = torch.empty_like(rows)
+        grad_coef = torch.empty_like(packed)
+        library().chain_backward(rows.data_ptr(), int(rows.dtype == torch.bfloat16), g.data_ptr(),
+                                 int(g.dtype == torch.bfloat16), grad_x.data_ptr(),
+                                 int(grad_x.dtype == torch.bfloat16), packed.data_ptr(),
+                                 transposed.contiguous().data_ptr(), grad_coef.data_ptr(), widths, len(bands),
+                                 rows.shape[0], d, torch.get_num_threads())
+        grads = [gc.reshape(2 * band.width + 1, d) for gc, band in zip(grad_coef.split(sizes), bands)]
+        return (grad_x.reshape(ctx.shape), None, *grads)
+
+
+def apply_rotation_banded(x: torch.Tensor, blocks: list[torch.Tensor], bands: list[BandLayout]) -> torch.Tensor:
+    """x @ R like `apply_rotation`, through the native band kernel (x float32 or bfloat16, on the CPU)."""
+    coefs = [band_coefficients(q, band) for q, band in zip(blocks, bands)]
+    return _BandChain.apply(x, tuple(bands), *coefs)

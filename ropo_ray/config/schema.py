@@ -196,6 +196,11 @@ class AdapterConfig:
     """Terms of the Neumann series when cayley = neumann."""
     learn_magnitude: bool = True
     """Train the per-neuron magnitude m (RoPO). Off: rotation only (OFT-like)."""
+    kernel: Literal["auto", "native", "torch"] = "auto"
+    """How the rotation is applied to CPU activations. `native`: the band kernel (kernels/band_chain.c,
+    built on first use with the C compiler; needs mixing shift or none); `torch`: batched block matmuls
+    (also what CUDA tensors always use); `auto`: native when it builds and the mixing is banded, else torch.
+    Both compute the same function (to float rounding)."""
     lora_r: int = 8
     """LoRA rank (adapter type lora)."""
     lora_alpha: int = 16

@@ -1,0 +1,174 @@
+"""The native band kernel (adapters/kernels/band_chain.c) against dense float64 formulas built here.
+
+The dense rotation is assembled from its definition, R = prod_k P_k^T blockdiag(Q_k) P_k, with explicit
+permutation matrices, never through the code under test; values and gradients come from float64 autograd
+on that matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from ropo_ray.adapters import native
+from ropo_ray.adapters import rotation as rot
+from ropo_ray.adapters.inject import inject_ropo
+from ropo_ray.adapters.ropo_linear import RoPOLinear
+from ropo_ray.config.schema import AdapterConfig
+
+
+def dense_factor(q: torch.Tensor, layout: rot.FactorLayout, dim: int) -> torch.Tensor:
+    """x @ F for row vectors: F = P^T blockdiag(Q)[:d, :d] P with P[i, perm[i]] = 1 (identity perm: P = I)."""
+    p = torch.eye(dim, dtype=q.dtype)
+    if layout.perm is not None:
+        p = torch.zeros(dim, dim, dtype=q.dtype)
+        p[torch.arange(dim), layout.perm] = 1.0
+    return p.T @ torch.block_diag(*q)[:dim, :dim] @ p
+
+
+def params_for(dim, block_sizes, mixing, seed=0, scale=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    layouts = rot.factor_layouts(dim, block_sizes, mixing)
+    params = [(scale * torch.randn(lay.num_blocks, rot.num_skew_params(lay.block_size), generator=gen))
+              .requires_grad_() for lay in layouts]
+    return params, layouts
+
+
+CASES = [  # dim, block sizes, mixing, rows: tails of every loop (d % 16, d % b, rows % 4) are covered
+    (64, (2, 4, 8), "shift", 8),
+    (37, (2, 4, 8), "shift", 7),  # 37 = 4 * 8 + 5: a tail block in every factor after the first
+    (30, (4, 8), "none", 5),
+    (15, (2, 4), "shift", 3),  # shorter than one vector: scalar loops only
+    (100, (2, 4, 8, 16), "shift", 9),
+]
+
+
+@pytest.mark.parametrize(("dim", "block_sizes", "mixing", "rows"), CASES)
+def test_kernel_value_and_gradients_match_dense_float64(dim, block_sizes, mixing, rows):
+    params, layouts = params_for(dim, block_sizes, mixing)
+    bands = [rot.band_layout(dim, lay) for lay in layouts]
+    assert all(band is not None for band in bands)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, rows, dim, generator=gen, requires_grad=True)
+    weights = torch.randn(2, rows, dim, generator=gen)
+
+    y = rot.apply_rotation_banded(x, [rot.factor_blocks(p, lay) for p, lay in zip(params, layouts)], bands)
+    (y * weights).sum().backward()
+    got = [x.grad.clone(), *(p.grad.clone() for p in params)]
+
+    x64 = x.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    dense = torch.eye(dim, dtype=torch.float64)
+    for p, lay in zip(p64, layouts):
+        skew = rot.skew_from_params(p * (1 if lay.mask is None else lay.mask.double()), lay.block_size)
+        eye = torch.eye(lay.block_size, dtype=torch.float64)
+        dense = dense @ dense_factor(torch.linalg.solve(eye + skew, eye - skew), lay, dim)
+    y64 = x64 @ dense
+    (y64 * weights.double()).sum().backward()
+    want = [x64.grad, *(p.grad for p in p64)]
+
+    assert torch.allclose(y.double(), y64, atol=2e-6)
+    for g, w in zip(got, want):
+        assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+
+
+def test_bfloat16_rows_round_once():
+    """bf16 in, bf16 out: the result is the float32 result rounded to bf16 (to within one bf16 step)."""
+    params, layouts = params_for(64, (2, 4, 8), "shift")
+    bands = [rot.band_layout(64, lay) for lay in layouts]
+    blocks = [rot.factor_blocks(p, lay).detach() for p, lay in zip(params, layouts)]
+    x = torch.randn(9, 64).bfloat16()
+    y = rot.apply_rotation_banded(x, blocks, bands)
+    exact = rot.apply_rotation(x.float(), blocks, layouts)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+
+
+def test_stride_mixing_is_not_a_band_and_shift_is():
+    assert rot.band_layout(64, rot.factor_layouts(64, (2, 8), "stride")[1]) is None
+    band = rot.band_layout(64, rot.factor_layouts(64, (2, 8), "shift")[1])
+    assert band is not None and band.width == 7
+    # Each column holds exactly its block's 8 coefficients (block-mates within distance 7, wrapping round).
+    assert torch.equal(band.mask.sum(0), torch.full((64,), 8.0))
+
+
+def test_layer_kernel_setting():
+    base = nn.Linear(32, 6)
+    assert RoPOLinear(base, (2, 4), "shift", kernel="native").uses_native_kernel
+    assert not RoPOLinear(base, (2, 4), "shift", kernel="torch").uses_native_kernel
+    assert not RoPOLinear(base, (2, 4), "stride", kernel="auto").uses_native_kernel
+    with pytest.raises(ValueError, match="adapter.kernel=native needs banded factors"):
+        RoPOLinear(base, (2, 4), "stride", kernel="native")
+
+
+def test_native_and_torch_layers_agree_in_a_model(tiny_llama):
+    """The same adapted Llama, native kernel vs torch block matmuls: logits and every gradient."""
+    import copy
+
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4], [3, 3, 8, 1, 0, 6, 12, 9]])
+    models = {}
+    for kernel in ("native", "torch"):
+        model = copy.deepcopy(tiny_llama)
+        inject_ropo(model, AdapterConfig(kernel=kernel, target_modules=("q_proj", "v_proj", "down_proj")))
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad and p.dim() == 2:
+                    p.normal_(0, 0.3)
+        model(ids).logits.square().mean().backward()
+        models[kernel] = model
+    native_params = dict(models["native"].named_parameters())
+    for name, p in models["torch"].named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(native_params[name].grad, p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_auto_falls_back_with_a_warning_when_the_compiler_is_missing(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ROPO_RAY_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    native.library.cache_clear()
+    try:
+        ok, why = native.available()
+        assert not ok and "no-such-compiler-here" in why
+        with pytest.raises(native.KernelUnavailable, match="adapter.kernel=native"):
+            RoPOLinear(nn.Linear(16, 4), (2, 4), "shift", kernel="native")
+        model = nn.Sequential()
+        model.add_module("q_proj", nn.Linear(16, 4))
+        with caplog.at_level(logging.WARNING):
+            inject_ropo(model, AdapterConfig(block_sizes=(2, 4), target_modules=("q_proj",)))
+        assert "torch block matmuls" in caplog.text and "no-such-compiler-here" in caplog.text
+    finally:
+        native.library.cache_clear()
+
+
+def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho 'fakecc: error: out of luck' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("ROPO_RAY_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    native.library.cache_clear()
+    try:
+        with pytest.raises(native.KernelUnavailable, match="out of luck"):
+            native.library()
+        assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is published
+    finally:
+        native.library.cache_clear()
+
+
+def test_library_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROPO_RAY_KERNEL_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        native.library()
+        built = list(tmp_path.glob("band_chain-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.library.cache_clear()
+        native.library()  # a second process (a fresh cache) loads the file, it does not rebuild
+        assert built[0].stat().st_mtime_ns == stamp
+    finally:
+        native.library.cache_clear()
