@@ -50,7 +50,8 @@ def inject_ropo(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         logger.warning("RoPO: %d of %d layers apply the rotation with torch block matmuls, not the native "
                        "band kernel (%s)", len(names) - native_layers, len(names), reason)
     else:
-        logger.info("RoPO: %d layers, rotation by the %s kernel", len(names), "native band" if native_layers else "torch")
+        kind = "native band" if native_layers else "torch"
+        logger.info("RoPO: %d layers, rotation by the %s kernel", len(names), kind)
     return names
 
 

@@ -4,8 +4,9 @@ The source is compiled with the system C compiler (`$CC`, default `cc`) into
 `$ROPO_RAY_KERNEL_CACHE` (default `~/.cache/ropo_ray/kernels`) for `-march=$ROPO_RAY_KERNEL_MARCH`
 (default `native`; an image built for many machines sets a portable level such as `x86-64-v3` and
 builds the kernel into the image). The file name hashes the source and the flags, and with `native` this
-CPU's feature flags too, so a cache shared between unlike nodes never loads code built for another CPU. The library is published with an atomic rename, so concurrent Ray workers that build at the
-same time each load a complete file. No torch headers: the build takes about a second.
+CPU's feature flags too, so a cache shared between unlike nodes never loads code built for another CPU.
+The library is published with an atomic rename, so concurrent Ray workers that build at the same time
+each load a complete file. No torch headers: the build takes about a second.
 """
 
 from __future__ import annotations
