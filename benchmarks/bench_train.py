@@ -248,8 +248,30 @@ def init_single_process_group() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def side_ropo(args: argparse.Namespace, precision: str) -> dict:
-    """The Ray Train worker's step (ropo_ray.train.worker._train_epoch) in one process, world size 1."""
+PROFILE_GROUPS = {  # self CPU time of profiled ops, grouped by what they do (first match wins)
+    "rotation kernel (band chain, forward + backward)": ("_BandChain",),
+    "matmuls (frozen weights, attention, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
+                                                   "aten::_scaled_dot_product", "aten::linear"),
+    "rotation parameters (Cayley solves, band coefficients)": ("aten::linalg_", "aten::lu", "aten::index",
+                                                               "aten::_index_put", "aten::triu"),
+    "optimizer (DeepSpeed AdamW, ZeRO-2 buffers)": ("Optimizer", "aten::_foreach", "aten::addcdiv", "aten::lerp",
+                                                    "aten::sqrt", "aten::_fused_adam"),
+}
+
+
+def profile_groups(prof) -> dict[str, float]:
+    """Seconds of self CPU time per PROFILE_GROUPS group (the rest: elementwise, norms, softmax, copies)."""
+    groups = {name: 0.0 for name in PROFILE_GROUPS} | {"other ops (elementwise, norms, softmax, copies)": 0.0}
+    for event in prof.key_averages():
+        name = next((g for g, prefixes in PROFILE_GROUPS.items() if event.key.startswith(prefixes)),
+                    "other ops (elementwise, norms, softmax, copies)")
+        groups[name] += event.self_cpu_time_total / 1e6
+    return groups
+
+
+def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False) -> dict:
+    """The Ray Train worker's step (ropo_ray.train.worker._train_epoch) in one process, world size 1.
+    With `profile`, the timed steps run under torch.profiler and the result holds its grouped self time."""
     import deepspeed
     import ray.train  # noqa: F401  (a Ray Train worker has Ray loaded: count its memory)
     import torch
@@ -276,9 +298,13 @@ def side_ropo(args: argparse.Namespace, precision: str) -> dict:
                                       lr_scheduler=lambda opt: warmup_cosine_scheduler(opt, total, tc.warmup_ratio),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     rows, pad_id, loss_cfg = load_json(args.work / "rows.json"), 0, LossConfig()
-    step_ends, sizes, phases = [], [], {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    step_ends, sizes, phases = [], [], {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     window = Window()
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
     for i in range(total):
+        if profiler is not None and i == args.warmup:
+            profiler.__enter__()
+        td = time.perf_counter()
         batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], pad_id)
         t0 = time.perf_counter()
         loss, _ = preference_step(engine, batch, loss_cfg)
@@ -290,10 +316,14 @@ def side_ropo(args: argparse.Namespace, precision: str) -> dict:
         if i + 1 in (args.warmup, total):
             window.mark()
         if i >= args.warmup:
-            for key, seconds in zip(phases, (t1 - t0, t2 - t1, step_ends[-1] - t2)):
+            for key, seconds in zip(phases, (t0 - td, t1 - t0, t2 - t1, step_ends[-1] - t2)):
                 phases[key] += seconds
         sizes.append(batch_sizes(batch["attention_mask"]))
-    return {**step_record(step_ends, args.warmup, args.batch, sizes), "contention": window.contention(),
+    grouped = {}
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        grouped = {"profile_self_seconds": profile_groups(profiler)}
+    return {**step_record(step_ends, args.warmup, args.batch, sizes), "contention": window.contention(), **grouped,
             "trainable_parameters": trainable,
             "flop_model": {"per_token": flop_model.per_token, "per_length_sq": flop_model.per_length_sq},
             "phase_seconds": phases, "zero_stage": tc.zero_stage, "precision": precision,
@@ -340,6 +370,7 @@ def side_base(args: argparse.Namespace) -> dict:
 def run_side(args: argparse.Namespace) -> None:
     runners = {"prepare": side_prepare, "trl": side_trl, "trl_nogc": lambda a: side_trl(a, checkpointing=False),
                "ropo_fp32": lambda a: side_ropo(a, "fp32"), "ropo_bf16": lambda a: side_ropo(a, "bf16"),
+               "ropo_fp32_profile": lambda a: side_ropo(a, "fp32", profile=True),
                "base": side_base}
     result = runners[args.side](args)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -466,7 +497,7 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict[str, float]]) -> 
     return summary
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per side and repeat")
@@ -482,10 +513,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--allocator-pass", type=int, default=1,
                         help="1: also measure every side's peak RSS with MALLOC_MMAP_THRESHOLD_=131072")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
-    parser.add_argument("--side", choices=("prepare", *SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("prepare", "ropo_fp32_profile", *SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step pays one-off costs)")
     return args

@@ -33,4 +33,14 @@ if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v chromium >/dev/null && ! comm
   $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
   command -v chromium >/dev/null || { echo "setup: could not install chromium (apt-get install chromium)" >&2; exit 1; }
 fi
+# RoPO's CPU rotation kernel is C, built on first use (ropo_ray/adapters/native.py): make sure a compiler
+# exists, and build it now so the first training does not pay for it.
+if ! command -v "${CC:-cc}" >/dev/null; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q gcc >/dev/null \
+    || echo "setup: no C compiler and apt-get install gcc failed: RoPO falls back to torch block matmuls" >&2
+fi
+"$VENV/bin/python" -c "from ropo_ray.adapters import native; ok, why = native.available(); \
+print('setup: RoPO band kernel built' if ok else f'setup: RoPO band kernel unavailable ({why})')"
 touch "$VENV/.ropo-ray-installed"
