@@ -14,6 +14,7 @@ the deduplication is a hash shuffle that Ray Data spills to disk.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from ropo_ray.fingerprint import hash_json, tokenizer_fingerprint
 from ropo_ray.storage import Store, store
 
 MANIFEST = "manifest.json"
+DEDUP_ROWS_PER_PARTITION = 50_000
 SPLITS = ("train", "eval", "rejects")
 
 
@@ -137,7 +139,10 @@ def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path | Store, files
         stage = tmp.child("stage", f"split={split}").files(".parquet")
         if stage:  # hive partitioning drops `split` from the files: mark_duplicates sets it again
             kept = ray.data.read_parquet([p.path for p in stage], filesystem=tmp.fs, partitioning=None)
-            kept.repartition(max(1, workers * 4), keys=["pair_id"]).map_batches(
+            # mark_duplicates holds one partition at a time: size partitions by rows, so memory stays
+            # bounded however large the input (the row count comes from the Parquet footers).
+            parts = max(workers * 4, math.ceil(kept.count() / DEDUP_ROWS_PER_PARTITION))
+            kept.repartition(parts, keys=["pair_id"]).map_batches(
                 mark_duplicates, fn_args=(split,), batch_format="pyarrow", batch_size=None,
             ).write_parquet(tmp.child(f"dedup-{split}").path, filesystem=tmp.fs, partition_cols=["split"])
     for split, sources in (("train", ["dedup-train/split=train"]), ("eval", ["dedup-eval/split=eval"]),
