@@ -443,9 +443,6 @@ class EvalConfig:
     """vLLM engines sampling in parallel (Ray Data actors)."""
     cpus_per_engine: int = 1
     """CPUs reserved by each vLLM engine on CPU machines."""
-    concurrent_models: int = 0
-    """Models (reference and runs) sampled at the same time, each by its own engine(s); 0: as many as the
-    cluster's CPUs (GPUs with use_gpu) hold side by side."""
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE of each CPU engine, GiB."""
     max_model_len: int = 256
@@ -461,7 +458,6 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", "must be >= 1")
-        _check(self.concurrent_models >= 0, "eval.concurrent_models", "must be >= 0 (0: as many as fit)")
         _check(self.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
         _check(self.temperature >= 0, "eval.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")

@@ -16,7 +16,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from ropo_ray.data.task import probe_correct, verify
 from ropo_ray.data.tokenize import encode_completion, encode_prompt
 from ropo_ray.eval import metrics as M
 from ropo_ray.eval.energy import hyperspherical_energy
-from ropo_ray.eval.sampling import concurrent_models, generate, sample_requests
+from ropo_ray.eval.sampling import generate, sample_requests
 from ropo_ray.storage import Store, store
 
 Log = Callable[[str], None]
@@ -284,24 +283,13 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
     pairs = held_out_pairs(prepared)
     eos = tokenizer.eos_token_id
 
-    models = [("reference", reference_dir), *((n, r["merged"]) for n, r in zip(names, runs))]
-    width = concurrent_models(cfg.eval, len(models))
-    log(f"evaluate: sampling {len(models)} models with vLLM, {width} at a time ({len(prompts)} prompts x "
-        f"{cfg.eval.samples_per_prompt}, {len(probes)} probes greedy)")
-
-    def sample_timed(folder: Path) -> tuple[dict[str, Any], float]:
-        start = time.perf_counter()
-        return sample_model(folder, prompt_ids, probe_ids, cfg), time.perf_counter() - start
-
-    # Each model gets its own engine; engines that fit side by side overlap their start-up and decoding.
-    with ThreadPoolExecutor(max_workers=width) as pool:
-        futures = {name: pool.submit(sample_timed, folder) for name, folder in models}
-        sampled = {}
-        for name, future in futures.items():
-            sampled[name], seconds = future.result()
-            log(f"evaluate: sampled {name} in {seconds:.1f} s")
-    timing[f"sample {len(models)} models, {width} at a time"] = time.perf_counter() - clock
-    clock = time.perf_counter()
+    sampled = {}
+    for name, folder in [("reference", reference_dir), *((n, r["merged"]) for n, r in zip(names, runs))]:
+        log(f"evaluate: sampling {name} with vLLM ({len(prompts)} prompts x {cfg.eval.samples_per_prompt}, "
+            f"{len(probes)} probes greedy)")
+        sampled[name] = sample_model(folder, prompt_ids, probe_ids, cfg)
+        timing[f"sample {name}"] = time.perf_counter() - clock
+        clock = time.perf_counter()
     base = {name: sample_metrics(s["samples"], prompts, eos) for name, s in sampled.items()}
     write_samples(sampled, out_dir.child("samples.jsonl"))
 

@@ -70,21 +70,6 @@ def engine_settings(cfg: EvalConfig, model_dir: str) -> dict[str, Any]:
     return settings
 
 
-def concurrent_models(cfg: EvalConfig, count: int) -> int:
-    """How many of `count` models to sample at once: `eval.concurrent_models`, or (0) as many engine groups
-    (`num_engines` engines of `cpus_per_engine` CPUs, or `tensor_parallel_size` GPUs) as the cluster holds."""
-    if cfg.concurrent_models:
-        return max(1, min(cfg.concurrent_models, count))
-    import ray
-
-    total = ray.cluster_resources()
-    if cfg.use_gpu:
-        slots = total.get("GPU", 0) // (cfg.tensor_parallel_size * cfg.num_engines)
-    else:
-        slots = total.get("CPU", 0) // (cfg.cpus_per_engine * cfg.num_engines)
-    return int(max(1, min(count, slots)))
-
-
 def generate(model_dir: str, rows: list[dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:
     """Run `rows` through one vLLM engine (pool) on `model_dir`; return the rows with `tokens`
     (generated ids, EOS included when the model stopped) and `text`, in input order."""
@@ -99,11 +84,8 @@ def generate(model_dir: str, rows: list[dict[str, Any]], cfg: EvalConfig) -> lis
         return {**{k: row[k] for k in keep}, "tokens": [int(t) for t in row["generated_tokens"]],
                 "text": row["generated_text"]}
 
-    # The row mapping around the engine takes no CPU slot: engines of models sampled side by side may hold
-    # every CPU of the cluster, and a map task waiting for one would stall the pipeline for good.
     processor = build_processor(vLLMEngineProcessorConfig(**engine_settings(cfg, model_dir)),
-                                preprocess=preprocess, postprocess=postprocess,
-                                preprocess_map_kwargs={"num_cpus": 0}, postprocess_map_kwargs={"num_cpus": 0})
+                                preprocess=preprocess, postprocess=postprocess)
     out = processor(ray.data.from_items(rows)).take_all()
     out.sort(key=lambda r: (r["kind"], r["prompt_index"], r["sample_index"]))
     return out
