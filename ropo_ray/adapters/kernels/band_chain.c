@@ -66,6 +66,14 @@ static inline void wrap(float *buf, int64_t d, int w) {
     }
 }
 
+/* Copy nrows rows (stride d) into the padded buffer (stride pw) at offset w, circularly padded. */
+static inline void pad_rows(float *dst, int64_t pw, const float *src, int64_t d, int w, int nrows) {
+    for (int s = 0; s < nrows; s++) {
+        memcpy(dst + s * pw + w, src + s * d, (size_t)d * sizeof(float));
+        wrap(dst + s * pw, d, w);
+    }
+}
+
 /* out[s][i] = sum_o in[s][i + o] c[o, i] for nrows <= TA rows (in padded by w, stride pw; out stride d). */
 static void band_rows(const float *in, int64_t pw, float *out, const float *c, int64_t d, int w, int nrows) {
     const int taps = 2 * w + 1;
@@ -138,10 +146,7 @@ void chain_forward(const void *x, int x_bf16, void *y, int y_bf16, const float *
             const float *c = coef;
             for (int f = 0; f < nf; f++) {
                 const int w = widths[f];
-                for (int s = 0; s < nr; s++) {
-                    memcpy(buf + s * pw + w, tmp + s * d, (size_t)d * sizeof(float));
-                    wrap(buf + s * pw, d, w);
-                }
+                pad_rows(buf, pw, tmp, d, w, nr);
                 band_rows(buf, pw, tmp, c, d, w, nr);
                 c += (int64_t)(2 * w + 1) * d;
             }
@@ -176,10 +181,7 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
             const float *c = coef;
             for (int f = 0; f < nf; f++) {
                 float *uf = u + (int64_t)f * TA * pw;
-                for (int s = 0; s < nr; s++) {
-                    memcpy(uf + s * pw + widths[f], tmp + s * d, (size_t)d * sizeof(float));
-                    wrap(uf + s * pw, d, widths[f]);
-                }
+                pad_rows(uf, pw, tmp, d, widths[f], nr);
                 if (f + 1 < nf) band_rows(uf, pw, tmp, c, d, widths[f], nr);
                 c += (int64_t)(2 * widths[f] + 1) * d;
             }
@@ -189,10 +191,7 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
                 const int w = widths[f];
                 off -= (int64_t)(2 * w + 1) * d;
                 band_outer(u + (int64_t)f * TA * pw, pw, tmp, acc + off, d, w, nr); /* dL/dc[k, i] */
-                for (int s = 0; s < nr; s++) {
-                    memcpy(h + s * pw + w, tmp + s * d, (size_t)d * sizeof(float));
-                    wrap(h + s * pw, d, w);
-                }
+                pad_rows(h, pw, tmp, d, w, nr);
                 band_rows(h, pw, tmp, coef_t + off, d, w, nr); /* gradient at the factor's input */
             }
             for (int s = 0; s < nr; s++) store_row(gx, gx_bf16, t0 + s, d, tmp + s * d);
