@@ -28,7 +28,6 @@ from typing import Literal
 
 import torch
 
-ctypes_int = ctypes.c_int
 Mixing = Literal["shift", "stride", "none"]
 
 
@@ -263,13 +262,13 @@ class _BandChain(torch.autograd.Function):
         d = x.shape[-1]
         rows = x.reshape(-1, d).contiguous()
         packed = torch.cat([c.reshape(-1) for c in coefs]).contiguous()
-        widths = (ctypes_int * len(bands))(*[band.width for band in bands])
+        widths = (ctypes.c_int * len(bands))(*[band.width for band in bands])
         out = torch.empty_like(rows)
         library().chain_forward(rows.data_ptr(), int(rows.dtype == torch.bfloat16), out.data_ptr(),
                                 int(out.dtype == torch.bfloat16), packed.data_ptr(), widths, len(bands),
                                 rows.shape[0], d, torch.get_num_threads())
         ctx.save_for_backward(rows, packed)
-        ctx.bands, ctx.shape = bands, x.shape
+        ctx.bands, ctx.widths, ctx.shape = bands, widths, x.shape
         return out.reshape(x.shape)
 
     @staticmethod
@@ -281,7 +280,7 @@ class _BandChain(torch.autograd.Function):
         g = grad.reshape(-1, d).contiguous()
         sizes = [(2 * band.width + 1) * d for band in bands]
         transposed = torch.cat([c[band.transpose_index.reshape(-1)] for c, band in zip(packed.split(sizes), bands)])
-        widths = (ctypes_int * len(bands))(*[band.width for band in bands])
+        widths = ctx.widths
         grad_x = torch.empty_like(rows)
         grad_coef = torch.empty_like(packed)
         library().chain_backward(rows.data_ptr(), int(rows.dtype == torch.bfloat16), g.data_ptr(),
