@@ -10,6 +10,24 @@ Three input schemas, detected per row unless `data.schema` names one:
 
 Pure Python: the Ray Data preparation maps these over batches; tests call them on hand-made rows.
 A row that cannot be used raises `RowError` with a reason from `REASONS`: nothing is dropped silently.
+
+The reasons (what each one means; tests work expected reasons out from this list):
+
+- row_too_large: the raw row is over `data.max_row_bytes` (decided by the reader, before parsing);
+- undecodable_text: the bytes are not UTF-8, or a text holds U+FFFD or a lone surrogate (`\\ud800`);
+- invalid_json: the line cannot be parsed (syntax, raw control characters in a string, nesting or
+  numbers beyond the parser's limits);
+- duplicate_key: an object names a key twice (which value is meant is ambiguous: one could flip the pair);
+- not_an_object: the JSON value is not an object (array, string, number, null);
+- missing_field: a field the schema needs is absent or null (a present `prompt` column means the
+  prompt/chosen/rejected schema, so a null prompt is this, not unknown_schema);
+- wrong_type: a field the schema needs as a string is another type (number, NaN, bool, object);
+- unknown_schema: the fields match none of the three schemas;
+- malformed_messages / unknown_role / no_assistant_turn / prompt_mismatch: message lists or
+  transcripts that do not make one prompt and two answers;
+- empty_prompt / empty_response: nothing but whitespace where text is needed;
+- identical_responses: chosen equals rejected (ignoring surrounding whitespace);
+- too_long (tokenisation, truncation `reject`) and duplicate_pair (across rows): decided later.
 """
 
 from __future__ import annotations
@@ -23,10 +41,12 @@ from ropo_ray.config.schema import DataConfig
 REASONS = (
     "invalid_json", "not_an_object", "undecodable_text", "missing_field", "wrong_type", "unknown_schema",
     "empty_prompt", "empty_response", "identical_responses", "malformed_messages", "unknown_role",
-    "no_assistant_turn", "prompt_mismatch", "too_long", "duplicate_pair",
+    "no_assistant_turn", "prompt_mismatch", "too_long", "duplicate_pair", "row_too_large", "duplicate_key",
 )
 ROLES = ("system", "user", "assistant")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 class RowError(ValueError):
@@ -39,6 +59,15 @@ class RowError(ValueError):
         self.detail = detail
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise RowError("duplicate_key", f"key {dup!r} appears more than once in one object")
+    return obj
+
+
 def parse_json_line(raw: bytes) -> dict[str, Any]:
     """One JSONL line -> its object. A UTF-8 BOM is tolerated; anything else wrong is a RowError."""
     try:
@@ -47,12 +76,25 @@ def parse_json_line(raw: bytes) -> dict[str, Any]:
         raise RowError("undecodable_text", f"not UTF-8 at byte {err.start}") from None
     text = text.lstrip("\ufeff")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except RowError:
+        raise
     except json.JSONDecodeError as err:
         raise RowError("invalid_json", f"{err.msg} at column {err.colno}") from None
+    except RecursionError:
+        raise RowError("invalid_json", "nested too deeply to parse") from None
+    except ValueError as err:  # e.g. an integer literal past Python's digit limit
+        raise RowError("invalid_json", str(err).split(";")[0]) from None
     if not isinstance(obj, dict):
-        raise RowError("not_an_object", f"a JSON {type(obj).__name__}, not an object")
+        raise RowError("not_an_object", f"a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}, not an object")
     return obj
+
+
+def _check_text(value: str, where: str) -> None:
+    if "\ufffd" in value:
+        raise RowError("undecodable_text", f"{where} holds U+FFFD replacement characters")
+    if _SURROGATE.search(value):
+        raise RowError("undecodable_text", f"{where} holds a lone surrogate (not valid Unicode)")
 
 
 def _field(row: dict[str, Any], name: str) -> Any:
@@ -65,8 +107,7 @@ def _text(row: dict[str, Any], name: str, empty_reason: str) -> str:
     value = _field(row, name)
     if not isinstance(value, str):
         raise RowError("wrong_type", f"field '{name}' is a {type(value).__name__}, expected a string")
-    if "\ufffd" in value:
-        raise RowError("undecodable_text", f"field '{name}' holds U+FFFD replacement characters")
+    _check_text(value, f"field '{name}'")
     if not value.strip():
         raise RowError(empty_reason, f"field '{name}' is empty")
     return value
@@ -82,8 +123,7 @@ def _messages(value: Any, name: str) -> list[dict[str, str]]:
             raise RowError("malformed_messages", f"{name}[{i}] needs string 'role' and 'content'")
         if msg["role"] not in ROLES:
             raise RowError("unknown_role", f"{name}[{i}] has role {msg['role']!r}; expected one of {ROLES}")
-        if "\ufffd" in msg["content"]:
-            raise RowError("undecodable_text", f"{name}[{i}] holds U+FFFD replacement characters")
+        _check_text(msg["content"], f"{name}[{i}]")
         out.append({"role": msg["role"], "content": msg["content"]})
     return out
 
@@ -148,6 +188,8 @@ def detect_schema(row: dict[str, Any], cfg: DataConfig) -> str:
         return "prompt_chosen_rejected"
     if isinstance(chosen, str) and _HH_TURN.search(chosen):
         return "hh_rlhf"
+    if cfg.prompt_column in row:  # a null or non-string prompt: the parser names the field
+        return "prompt_chosen_rejected"
     if chosen is None or cfg.rejected_column not in row:
         missing = [c for c in (cfg.chosen_column, cfg.rejected_column) if row.get(c) is None]
         raise RowError("missing_field", f"field(s) {missing} missing or null")

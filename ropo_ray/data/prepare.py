@@ -36,15 +36,16 @@ DEDUP_ROWS_PER_PARTITION = 50_000
 SPLITS = ("train", "eval", "rejects")
 
 
-def _read_files(batch: dict[str, Any]) -> Iterator[pa.Table]:
-    """map_batches UDF: one file per input row -> streamed tables of (source, row_index, raw)."""
+def _read_files(batch: dict[str, Any], max_row_bytes: int) -> Iterator[pa.Table]:
+    """map_batches UDF: one file per input row -> streamed tables of (source, row_index, raw, size)."""
     for uri, fmt in zip(batch["uri"], batch["format"]):
         fs, path, _ = filesystem_of(str(uri))
         opener = fs.open_input_file if fmt == "parquet" else fs.open_input_stream
         with opener(path) as stream:
-            for chunk in iter_raw_rows(stream, str(fmt)):
-                yield pa.table({"source": [str(uri)] * len(chunk), "row_index": [i for i, _ in chunk],
-                                "raw": [r for _, r in chunk]}, schema=RAW_SCHEMA)
+            for chunk in iter_raw_rows(stream, str(fmt), max_row_bytes=max_row_bytes):
+                yield pa.table({"source": [str(uri)] * len(chunk), "row_index": [i for i, _, _ in chunk],
+                                "raw": [r for _, r, _ in chunk], "size": [n for _, _, n in chunk]},
+                               schema=RAW_SCHEMA)
 
 
 class RowPreparer:
@@ -57,8 +58,9 @@ class RowPreparer:
         self.cfg = data_cfg
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [prepare_row(s, int(i), r, self.tokenizer, self.cfg) for s, i, r in
-                zip(batch["source"].to_pylist(), batch["row_index"].to_pylist(), batch["raw"].to_pylist())]
+        rows = [prepare_row(s, int(i), r, self.tokenizer, self.cfg, int(n)) for s, i, r, n in
+                zip(batch["source"].to_pylist(), batch["row_index"].to_pylist(), batch["raw"].to_pylist(),
+                    batch["size"].to_pylist())]
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -119,8 +121,11 @@ def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path | Store, files
     """Run (or skip, when the published fingerprint matches) the preparation; returns the manifest."""
     import ray
 
+    from ropo_ray.train.model_io import load_tokenizer
+
     out = store(out_dir)
     inputs = resolve_inputs(files if files is not None else cfg.data.train_files, cfg.data)
+    load_tokenizer(tokenizer_path, cfg.model)  # no chat template: a ConfigError now, not a failed actor later
     fingerprint = prepare_fingerprint(inputs, cfg, tokenizer_path)
     existing = read_manifest(out)
     if existing and existing.get("fingerprint") == fingerprint:
@@ -131,7 +136,8 @@ def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path | Store, files
     # tokenizer actors, leaving a CPU for the read and write tasks that feed and drain them
     workers = max(1, min(len(inputs), int(ray.cluster_resources().get("CPU", 1)) - 1))
     raw = ray.data.from_items([{"uri": f.uri, "format": f.format} for f in inputs], override_num_blocks=len(inputs))
-    rows = raw.map_batches(_read_files, batch_size=1).map_batches(
+    read = raw.map_batches(_read_files, batch_size=1, fn_kwargs={"max_row_bytes": cfg.data.max_row_bytes})
+    rows = read.map_batches(
         RowPreparer, fn_constructor_args=(tokenizer_path, cfg.data, cfg.model), batch_format="pyarrow",
         batch_size=1024, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers), num_cpus=1)
     rows.write_parquet(tmp.child("stage").path, filesystem=tmp.fs, partition_cols=["split"])

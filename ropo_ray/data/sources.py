@@ -1,8 +1,11 @@
 """Input files: resolve paths, folders, globs and URIs (pyarrow filesystems) to a checked file list.
 
 Whole-file problems are found here, before any work starts, with an error naming the file: a
-missing path, an empty file, an unknown format, a Parquet / Arrow file without the needed columns,
-a saved HF DatasetDict given without choosing a split.
+missing path, an empty file, an unknown format, a Parquet / Arrow file without the needed columns
+or whose chosen / rejected column has a type no row could use (int64, a list of ints, all nulls),
+a saved HF DatasetDict given without choosing a split. A column type is the same for every row of
+the file, so such a file is one error, not thousands of identical rejects; a null or a bad value in
+a column of a usable type is a per-row reject (ropo_ray.data.normalize).
 """
 
 from __future__ import annotations
@@ -103,14 +106,41 @@ def _expand(spec: str) -> list[tuple[pafs.FileSystem, str, str]]:
     return [(fs, path, scheme)]
 
 
-def _columns(fs: pafs.FileSystem, path: str, fmt: str) -> list[str] | None:
+def _schema(fs: pafs.FileSystem, path: str, fmt: str) -> pa.Schema | None:
     if fmt == "parquet":
         with fs.open_input_file(path) as f:
-            return pq.read_schema(f).names
+            return pq.read_schema(f)
     if fmt == "arrow":
         with fs.open_input_stream(path) as f:
-            return pa.ipc.open_stream(f).schema.names
+            return pa.ipc.open_stream(f).schema
     return None
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_text(t.value_type)
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_messages(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type)
+
+
+_KINDS = {_is_text: "a string", _is_messages: "a list of {role, content} messages"}
+
+
+def _check_types(schema: pa.Schema, shown: str, cfg: DataConfig) -> None:
+    """Refuse a chosen / rejected (or, for schema prompt_chosen_rejected, prompt) column of a type that
+    no row could use: strings for two schemas, lists of message structs for the third."""
+    wanted = {"auto": (_is_text, _is_messages), "messages": (_is_messages,)}.get(cfg.schema, (_is_text,))
+    checks = {cfg.chosen_column: wanted, cfg.rejected_column: wanted}
+    if cfg.schema == "prompt_chosen_rejected" and cfg.prompt_column in schema.names:
+        checks[cfg.prompt_column] = (_is_text,)
+    for name, kinds in checks.items():
+        t = schema.field(name).type
+        if not any(is_kind(t) for is_kind in kinds):
+            raise InputError(f"{shown}: column '{name}' is {t}; expected {' or '.join(_KINDS[k] for k in kinds)} "
+                             f"(data.schema={cfg.schema})")
 
 
 def resolve_inputs(specs: tuple[str, ...], cfg: DataConfig) -> list[InputFile]:
@@ -130,11 +160,13 @@ def resolve_inputs(specs: tuple[str, ...], cfg: DataConfig) -> list[InputFile]:
             info = fs.get_file_info(path)
             if info.size == 0:
                 raise InputError(f"{shown}: the file is empty")
-            columns = _columns(fs, path, fmt)
+            schema = _schema(fs, path, fmt)
             needed = [cfg.chosen_column, cfg.rejected_column]
-            if columns is not None and any(c not in columns for c in needed):
-                raise InputError(f"{shown}: columns {columns} lack {[c for c in needed if c not in columns]} "
+            if schema is not None and any(c not in schema.names for c in needed):
+                raise InputError(f"{shown}: columns {schema.names} lack {[c for c in needed if c not in schema.names]} "
                                  "(set data.chosen_column / data.rejected_column if they are named otherwise)")
+            if schema is not None:
+                _check_types(schema, shown, cfg)
             files.append(InputFile(path, shown, fmt, info.size, info.mtime_ns or 0))
     return files
 

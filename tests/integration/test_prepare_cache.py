@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -14,6 +15,7 @@ import torch
 from ropo_ray.adapters.registry import attach_adapter
 from ropo_ray.config import load_config
 from ropo_ray.data.prepare import prepare
+from ropo_ray.data.sources import InputError
 from ropo_ray.refcache.stage import build_cache
 from ropo_ray.refcache.store import read_entries, verify
 from ropo_ray.train.logprobs import concatenated_forward
@@ -39,34 +41,76 @@ def as_hh(row):
             "rejected": f"\n\nHuman: {row['prompt']}\n\nAssistant: {row['rejected']}"}
 
 
-BAD_LINES = {  # raw JSONL line -> the reason it must be rejected with
-    b'{"prompt": "What is 1 + 1?", "chosen": "2"': "invalid_json",
-    b'["a list"]': "not_an_object",
-    b'{"prompt": "Q\xff", "chosen": "A", "rejected": "B"}': "undecodable_text",
-    b'{"prompt": "Q", "chosen": "A"}': "missing_field",
-    b'{"prompt": "Q", "chosen": 7, "rejected": "B"}': "wrong_type",
-    b'{"chosen": "plain", "rejected": "text"}': "unknown_schema",
-    b'{"prompt": " ", "chosen": "A", "rejected": "B"}': "empty_prompt",
-    b'{"prompt": "Q", "chosen": "", "rejected": "B"}': "empty_response",
-    b'{"prompt": "Q", "chosen": "same", "rejected": "same"}': "identical_responses",
-    b'{"chosen": [{"role": "user"}], "rejected": [{"role": "user", "content": "x"}]}': "malformed_messages",
-    b'{"chosen": [{"role": "robot", "content": "x"}], "rejected": [{"role": "user", "content": "x"}]}':
-        "unknown_role",
-    b'{"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "x"}]}':
-        "no_assistant_turn",
-    b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: c\\n\\nAssistant: d"}':
-        "prompt_mismatch",
-    json.dumps({"prompt": "long " * 400, "chosen": "A", "rejected": "B"}).encode(): "too_long",
-}
+BAD_LINES = [  # (kind, raw JSONL line, the reason it must be rejected with)
+    ("truncated JSON", b'{"prompt": "What is 1 + 1?", "chosen": "2"', "invalid_json"),
+    ("an array, not an object", b'["a list"]', "not_an_object"),
+    ("invalid UTF-8", b'{"prompt": "Q\xff", "chosen": "A", "rejected": "B"}', "undecodable_text"),
+    ("a missing field", b'{"prompt": "Q", "chosen": "A"}', "missing_field"),
+    ("a number as a response", b'{"prompt": "Q", "chosen": 7, "rejected": "B"}', "wrong_type"),
+    ("an unknown schema", b'{"chosen": "plain", "rejected": "text"}', "unknown_schema"),
+    ("a blank prompt", b'{"prompt": " ", "chosen": "A", "rejected": "B"}', "empty_prompt"),
+    ("an empty response", b'{"prompt": "Q", "chosen": "", "rejected": "B"}', "empty_response"),
+    ("chosen == rejected", b'{"prompt": "Q", "chosen": "same", "rejected": "same"}', "identical_responses"),
+    ("a message without content",
+     b'{"chosen": [{"role": "user"}], "rejected": [{"role": "user", "content": "x"}]}', "malformed_messages"),
+    ("an unknown role",
+     b'{"chosen": [{"role": "robot", "content": "x"}], "rejected": [{"role": "user", "content": "x"}]}',
+     "unknown_role"),
+    ("no assistant turn",
+     b'{"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "x"}]}',
+     "no_assistant_turn"),
+    ("HH transcripts with different prompts",
+     b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: c\\n\\nAssistant: d"}',
+     "prompt_mismatch"),
+    ("more tokens than the limits", json.dumps({"prompt": "long " * 400, "chosen": "A", "rejected": "B"}).encode(),
+     "too_long"),
+    # issue 9: more kinds, each through another code path
+    ("a gigantic row: 4 MiB of text, 4x data.max_row_bytes",
+     json.dumps({"prompt": "big " * (1 << 20), "chosen": "A", "rejected": "B"}).encode(), "row_too_large"),
+    ("a null prompt", b'{"prompt": null, "chosen": "A", "rejected": "B"}', "missing_field"),
+    ("a null chosen", b'{"prompt": "Q", "chosen": null, "rejected": "B"}', "missing_field"),
+    ("a null rejected", b'{"prompt": "Q", "chosen": "A", "rejected": null}', "missing_field"),
+    ("a number as the prompt", b'{"prompt": 42, "chosen": "A", "rejected": "B"}', "wrong_type"),
+    ("NaN as a response", b'{"prompt": "Q", "chosen": NaN, "rejected": "B"}', "wrong_type"),
+    ("a whitespace-only answer in a message list",
+     b'{"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], '
+     b'"rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " \\t\\n "}]}',
+     "empty_response"),
+    ("a message list against a string",
+     b'{"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "rejected": "z"}',
+     "malformed_messages"),
+    ("a raw control character in a string", b'{"prompt": "Q\x07", "chosen": "A", "rejected": "B"}', "invalid_json"),
+    ("an escaped lone surrogate", b'{"prompt": "Q\\ud800", "chosen": "A", "rejected": "B"}', "undecodable_text"),
+    ("JSON nested 100,000 deep", b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
+    ("an integer literal of 5,000 digits", b'{"prompt": "Q", "chosen": ' + b"9" * 5000 + b', "rejected": "B"}',
+     "invalid_json"),
+    ("a key given twice", b'{"prompt": "Q", "chosen": "good", "rejected": "bad", "chosen": "bad!"}',
+     "duplicate_key"),
+    ("a JSON null line", b"null", "not_an_object"),
+]
+
+
+def odd_good_lines():
+    """Rows that look odd but are good, so they must be kept (or be duplicates), never rejected:
+    repeated non-string ids on different pairs, a copy of good row 5 under another id, a message-list
+    row and an HH row in the JSONL file (mixed schemas in one file), a CRLF line end."""
+    a, b = good_rows(2, start=300)
+    return [json.dumps({"id": {"n": 1}, **a}).encode(), json.dumps({"id": {"n": 1}, **b}).encode(),
+            json.dumps({"id": 99, **good_rows(1, start=5)[0]}).encode(),
+            json.dumps(as_messages(good_rows(1, start=310)[0])).encode(),
+            json.dumps(as_hh(good_rows(1, start=320)[0])).encode(),
+            json.dumps(good_rows(1, start=330)[0]).encode() + b"\r"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """JSONL (schema a + bad lines + one duplicate), Parquet (schema b), a saved HF dataset (schema c)."""
+    """JSONL (schema a + bad lines + odd good lines + one duplicate), Parquet (schema b), a saved HF
+    dataset (schema c)."""
     import datasets
 
     root = tmp_path_factory.mktemp("corpus")
-    jsonl = [json.dumps(r).encode() for r in good_rows(30)] + list(BAD_LINES) + [json.dumps(good_rows(1)[0]).encode()]
+    jsonl = ([json.dumps(r).encode() for r in good_rows(30)] + [raw for _, raw, _ in BAD_LINES] + odd_good_lines()
+             + [json.dumps(good_rows(1)[0]).encode()])
     (root / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(jsonl) + b"\n\n")  # BOM, trailing blank line
     pq.write_table(pa.Table.from_pylist([as_messages(r) for r in good_rows(20, start=100)]), root / "b.parquet")
     datasets.Dataset.from_list([as_hh(r) for r in good_rows(10, start=200)]).save_to_disk(str(root / "hh"))
@@ -89,20 +133,41 @@ def prepared(ray_local, corpus, tiny_assets, tmp_path_factory):
 
 def test_counts_add_up_and_every_reason_is_recorded(prepared, corpus):
     _, out, manifest, _ = prepared
-    _, counts = corpus
+    root, counts = corpus
     input_rows = sum(counts.values())  # counted from the fixtures, not by the code under test
+    assert len({kind for kind, _, _ in BAD_LINES}) == len(BAD_LINES) == 28
     assert manifest["kept"] + manifest["rejected"] + manifest["duplicates"] == input_rows
-    assert manifest["kept"] == 30 + 20 + 10
-    assert manifest["duplicates"] == 2  # a.jsonl's last line, and extra/c.parquet
-    assert manifest["rejected_by_reason"] == {reason: 1 for reason in BAD_LINES.values()}
+    assert manifest["kept"] == 30 + 20 + 10 + 5  # good rows of the three schemas + the 5 odd good lines kept
+    assert manifest["duplicates"] == 3  # a.jsonl's last line and the id-99 copy, and extra/c.parquet
+    assert manifest["rejected_by_reason"] == dict(sorted(Counter(reason for _, _, reason in BAD_LINES).items()))
     rejects = pads.dataset(str(out / "rejects")).to_table().to_pylist()
     assert len(rejects) == manifest["rejected"] + manifest["duplicates"]
-    by_reason = {r["reason"]: r for r in rejects}
-    assert by_reason["invalid_json"]["raw"].startswith('{"prompt": "What is 1 + 1?"')  # the original row is kept
-    assert by_reason["undecodable_text"]["raw"].endswith('"rejected": "B"}')
-    duplicates = [r for r in rejects if r["reason"] == "duplicate_pair"]
-    # the kept copy is the first by (source, row_index): a.jsonl line 1 (after the BOM)
-    assert {r["detail"] for r in duplicates} == {f"same pair as {corpus[0] / 'a.jsonl'} row 1"}
+    # every bad line is rejected at its own line (after 30 good ones) with its own reason
+    at_line = {r["row_index"]: r for r in rejects if r["source"] == str(root / "a.jsonl")}
+    for n, (kind, _, reason) in enumerate(BAD_LINES, start=31):
+        assert at_line[n]["reason"] == reason, kind
+    assert at_line[31]["raw"] == BAD_LINES[0][1].decode()  # the original row is kept
+    assert at_line[33]["raw"] == '{"prompt": "Q\\xff", "chosen": "A", "rejected": "B"}'  # undecodable byte escaped
+    giant = at_line[31 + 14]
+    assert len(giant["raw"]) == 1024 and giant["raw"].startswith('{"prompt": "big big')
+    assert f"row is {len(BAD_LINES[14][1])} bytes" in giant["detail"]
+    duplicates = sorted((r["row_index"], r["detail"]) for r in rejects if r["reason"] == "duplicate_pair")
+    # the kept copy is the first by (source, row_index): a.jsonl line 1 (after the BOM), line 6 for good row 5
+    first, sixth = f"same pair as {root / 'a.jsonl'} row 1", f"same pair as {root / 'a.jsonl'} row 6"
+    last = 30 + len(BAD_LINES) + len(odd_good_lines()) + 1
+    assert duplicates == [(0, first), (30 + len(BAD_LINES) + 3, sixth), (last, first)]
+
+
+def test_wrong_column_types_stop_prepare_before_any_work(corpus, tiny_assets, tmp_path):
+    """A Parquet file whose chosen column is int64, among good files: one error naming the file and the
+    column, raised before Ray is used or anything is written."""
+    root, _ = corpus
+    bad = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"prompt": ["Q"], "chosen": [7], "rejected": ["B"]}), bad)
+    out = tmp_path / "run" / "data"
+    with pytest.raises(InputError, match=f"{bad}: column 'chosen' is int64"):
+        prepare(load_config(), str(tiny_assets), out, files=(str(root / "a.jsonl"), str(bad)))
+    assert not out.parent.exists()
 
 
 def test_split_is_deterministic_and_disjoint(prepared):
