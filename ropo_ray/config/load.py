@@ -161,8 +161,13 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path is not None:
         from ropo_ray.storage import Store
 
+        if not Store(path).is_file():
+            raise ConfigError(f"--config: {path} is not a file")
         text = Store(path).read_text()  # a local file or an object-store URI
-        loaded = yaml.safe_load(text)
+        try:  # the safe loader: a Python object tag (!!python/object/apply:...) is an error, never run
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not a plain YAML config ({' '.join(str(err).split())})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

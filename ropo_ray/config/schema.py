@@ -121,8 +121,12 @@ class DataConfig:
     """Too-long pairs: cut the prompt's start and the completions' end, or reject the pair."""
     eval_fraction: float = 0.1
     """Fraction of pairs (by pair_id hash, so deterministic) held out for evaluation."""
+    max_row_bytes: int = 1 << 20
+    """Raw rows longer than this (bytes) are rejected as row_too_large before parsing or tokenising,
+    so one gigantic line cannot exhaust memory; far above any pair the token limits keep."""
 
     def __post_init__(self) -> None:
+        _check(self.max_row_bytes > 0, "data.max_row_bytes", "must be > 0")
         _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
         _check(self.max_completion_tokens > 0, "data.max_completion_tokens", "must be > 0")
         _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")

@@ -64,3 +64,48 @@ def test_every_shipped_yaml_loads():
     assert configs, "no YAML configs shipped under pipelines/configs"
     for path in configs:
         assert isinstance(load_config(path), Config), path
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "fragment"),
+    [
+        ("loss:\n  beta: -0.5\n", "loss.beta: must be > 0, got -0.5"),
+        ("loss:\n  beta: 0\n", "loss.beta: must be > 0, got 0"),
+        ("adapter:\n  block_sizes: [0]\n", "adapter.block_sizes: block size 0 must be an int >= 2"),
+        ("adapter:\n  block_sizes: [4, 1]\n", "adapter.block_sizes: block size 1 must be an int >= 2"),
+        ("data:\n  max_row_bytes: 0\n", "data.max_row_bytes: must be > 0"),
+    ],
+)
+def test_out_of_range_values_in_a_yaml_file_name_the_key(tmp_path, yaml_text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        load_config(path)
+
+
+PYTHON_TAGS = [
+    "train:\n  lr: !!python/object/apply:os.system [\"touch {marker}\"]\n",
+    "!!python/object/apply:subprocess.check_call [[\"touch\", \"{marker}\"]]\n",
+    "loss: !!python/object/new:os.system [\"touch {marker}\"]\n",
+]
+
+
+@pytest.mark.parametrize("text", PYTHON_TAGS)
+def test_yaml_with_a_python_object_tag_is_refused_and_runs_nothing(tmp_path, text):
+    """Only the safe loader reads configs: a Python tag is a ConfigError naming the file and the tag,
+    and the command it carries never runs (the marker file it would create does not appear)."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(text.format(marker=marker))
+    with pytest.raises(ConfigError, match=f"{path}: not a plain YAML config .*tag:yaml.org,2002:python/object"):
+        load_config(path)
+    assert not marker.exists()
+
+
+def test_an_override_with_a_python_tag_is_a_plain_string(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(ConfigError, match="train.lr: expected float"):
+        load_config(None, [f'train.lr=!!python/object/apply:os.system ["touch {marker}"]'])
+    tagged = f"!!python/object/apply:os.system [touch {marker}]"
+    assert load_config(None, [f"pipeline.run_dir={tagged}"]).pipeline.run_dir == tagged
+    assert not marker.exists()
