@@ -46,9 +46,11 @@ def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     folder = check_model_folder(path, cfg)
+    # use_safetensors=True makes transformers refuse pickle files; when they are allowed, weights_only
+    # keeps torch.load to tensors (a pickle that would run code is refused, never executed).
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=not cfg.allow_pickle_weights or None,
+        use_safetensors=not cfg.allow_pickle_weights or None, weights_only=True,
     )
     return model.eval()
 

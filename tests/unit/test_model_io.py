@@ -1,0 +1,180 @@
+"""Model and tokenizer folders: refused with a message naming the folder before anything is loaded;
+pickle weights only when explicitly allowed, and even then never executed; no remote code unless asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ropo_ray.config.schema import ConfigError, ModelConfig
+from ropo_ray.data.tokenizer import train_tokenizer
+from ropo_ray.train.model_io import check_model_folder, load_model, load_tokenizer
+from tests.conftest import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+SAFE = ModelConfig()
+ALLOW_PICKLE = ModelConfig(allow_pickle_weights=True)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A real tiny Llama saved as safetensors, with its tokenizer (and chat template)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = train_tokenizer(["What is 2 + 2? It is 4.", "Hello there."] * 10, 300)
+    make_tiny_llama(vocab=len(tokenizer)).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def _copy_without_weights(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_folder_without_config_json_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"model.path: {tmp_path} is not a model folder"):
+        check_model_folder(tmp_path, SAFE)
+
+
+def test_a_folder_without_any_weights_is_named(model_folder, tmp_path):
+    folder = _copy_without_weights(model_folder, tmp_path / "empty")
+    with pytest.raises(ConfigError, match=f"model.path: {folder} holds no \\*.safetensors weights"):
+        load_model(folder, SAFE)
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "last.ckpt"])
+def test_pickle_only_folders_are_refused_unless_allowed(model_folder, tmp_path, name):
+    folder = _copy_without_weights(model_folder, tmp_path / "pickled")
+    torch.save({"w": torch.zeros(1)}, folder / name)
+    with pytest.raises(ConfigError, match=f"{folder} has only pickle-based weights \\({name}\\).*"
+                                          "model.allow_pickle_weights=true"):
+        check_model_folder(folder, SAFE)
+    assert check_model_folder(folder, ALLOW_PICKLE) == folder  # the explicit allow
+
+
+def test_allowed_pickle_weights_load_as_tensors(model_folder, tmp_path):
+    """With the allow, a genuine pytorch_model.bin loads (the same weights as the safetensors)."""
+    folder = _copy_without_weights(model_folder, tmp_path / "bin")
+    reference = load_model(model_folder, SAFE)
+    torch.save(reference.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ConfigError):
+        load_model(folder, SAFE)
+    loaded = load_model(folder, ALLOW_PICKLE)
+    for (name, a), b in zip(reference.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious pytorch_model.bin does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_allowed_pickle_weights_never_execute_code(model_folder, tmp_path):
+    """Even with model.allow_pickle_weights, loading is weights_only: a pickle that would run a command
+    is refused and the command never runs (shown with the marker file it would create)."""
+    folder = _copy_without_weights(model_folder, tmp_path / "evil")
+    marker = tmp_path / "pwned"
+    torch.save({"model.embed_tokens.weight": _RunsCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(Exception, match="(?i)weights.only|unpickl|Unsupported global"):
+        load_model(folder, ALLOW_PICKLE)
+    assert not marker.exists()
+
+
+def test_a_tokenizer_without_chat_template_is_named(model_folder, tmp_path):
+    folder = tmp_path / "tok"
+    tokenizer = load_tokenizer(model_folder, SAFE)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(str(folder))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match=f"model.tokenizer_path: the tokenizer at {folder} has no chat template"):
+        load_tokenizer(folder, SAFE)
+
+
+def test_prepare_refuses_a_tokenizer_without_chat_template_before_any_work(model_folder, tmp_path):
+    """prepare() checks the tokenizer in the driver, before Ray Data or any output folder."""
+    from ropo_ray.config import load_config
+    from ropo_ray.data.prepare import prepare
+
+    folder = tmp_path / "tok"
+    tokenizer = load_tokenizer(model_folder, SAFE)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(str(folder))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Q", "chosen": "A", "rejected": "B"}) + "\n")
+    out = tmp_path / "run" / "data"
+    with pytest.raises(ConfigError, match=f"the tokenizer at {folder} has no chat template"):
+        prepare(load_config(), str(folder), out, files=(str(pairs),))
+    assert not out.parent.exists()
+
+
+# ---- remote code ---------------------------------------------------------------------------------------
+
+REMOTE_CODE = """
+from pathlib import Path
+Path({marker!r}).touch()
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+class EvilConfig(LlamaConfig):
+    model_type = "llama"
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def _remote_code_folder(model_folder: Path, folder: Path, marker: Path) -> Path:
+    """The tiny model whose config.json and tokenizer_config.json point (auto_map) at a code file
+    that creates `marker` when imported."""
+    folder.mkdir()
+    for f in model_folder.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "evil.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return folder
+
+
+LOAD_BOTH = """
+import sys
+from ropo_ray.config.schema import ModelConfig
+from ropo_ray.train.model_io import load_model, load_tokenizer
+cfg = ModelConfig(trust_remote_code=sys.argv[2] == "true")
+load_tokenizer(sys.argv[1], cfg)
+load_model(sys.argv[1], cfg)
+"""
+
+
+@pytest.mark.parametrize("trust", ["false", "true"])
+def test_remote_code_runs_only_when_trusted(model_folder, tmp_path, trust):
+    """load_model and load_tokenizer of a folder whose auto_map names code that would create a marker:
+    with the default (false) both load the built-in Llama classes and the code never runs; with
+    model.trust_remote_code=true it does run (so the folder is a real test of the setting).
+    In a subprocess with its own HF_MODULES_CACHE, so no remote module lands in the user's cache."""
+    assert ModelConfig().trust_remote_code is False
+    marker = tmp_path / "remote-code-ran"
+    folder = _remote_code_folder(model_folder, tmp_path / "remote", marker)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", LOAD_BOTH, str(folder), trust], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert marker.exists() == (trust == "true")
