@@ -1,0 +1,66 @@
+"""A local Ray started by the project (runs.connect_ray) serves its dashboard on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+# Run in its own process: the session's shared cluster (ray_local) may already be initialised here, and
+# connect_ray would then return at once without starting anything.
+PROBE = """
+import json, socket, urllib.error, urllib.request
+import psutil, ray
+from ropo_ray.runs import connect_ray
+
+connect_ray(log=lambda line: None)
+try:
+    dash = [p for p in psutil.Process().children(recursive=True)
+            if any(a.endswith("dashboard/dashboard.py") for a in p.cmdline())]
+    listening = [(c.laddr.ip, c.laddr.port) for p in dash for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    answers = {}
+    for _, port in listening:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=20) as r:
+                answers[port] = r.status
+        except urllib.error.HTTPError as err:  # an HTTP status is an answer too
+            answers[port] = err.code
+    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    reachable = []
+    for address in others:
+        for _, port in listening:
+            try:
+                socket.create_connection((address, port), timeout=5).close()
+                reachable.append(f"{address}:{port}")
+            except OSError:
+                pass
+    print(json.dumps({"dashboards": len(dash), "listening": listening, "answers": answers, "others": others,
+                      "reachable": reachable}))
+finally:
+    ray.shutdown()
+"""
+
+
+def test_local_dashboard_listens_on_loopback_only(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["dashboards"] == 1, found
+    assert found["listening"], found
+    for ip, port in found["listening"]:  # the dashboard process's every listening socket
+        assert ip == "127.0.0.1", (ip, port)
+    assert any(100 <= status < 600 for status in found["answers"].values()), found  # it answers HTTP there
+    # nothing answers on this machine's other addresses (tried while the cluster ran)
+    assert found["reachable"] == [], found
