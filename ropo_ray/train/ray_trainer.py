@@ -3,9 +3,11 @@
 The driver joins the prepared pairs with the cached reference log-probs (Ray Data, by pair_id),
 sizes the run, and fits a TorchTrainer whose workers run `ropo_ray.train.worker`. Checkpoints live
 under <run_dir>/ray/<name>; running the same run again resumes from its latest checkpoint, and
-FailureConfig restarts a group that lost a worker from there. The final checkpoint carries the
-export (merged HF folder + adapter weights + config), copied to <run_dir>/model. The run folder may
-be an object-store URI: Ray Train writes the checkpoints there through the same filesystem.
+FailureConfig restarts a group that lost a worker from there; a checkpoint or an export whose files
+no longer match their integrity record is never trusted (ropo_ray.train.checkpoints). The final
+checkpoint carries the export (merged HF folder + adapter weights + config), copied to <run_dir>/model.
+The run folder may be an object-store URI: Ray Train writes the checkpoints there through the same
+filesystem.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ropo_ray.config.schema import Config
 from ropo_ray.fingerprint import training_fingerprint
 from ropo_ray.refcache.store import part_paths, verify
 from ropo_ray.storage import Store, store
+from ropo_ray.train.checkpoints import CheckpointCorrupt, check_files, file_records, verify_resume_checkpoint
 from ropo_ray.train.model_io import load_tokenizer
 from ropo_ray.train.worker import train_loop_per_worker
 
@@ -120,15 +123,24 @@ class FinishedRun:
         self.checkpoint = None
 
 
-def finished_export(run_dir: str | Path | Store, name: str, cfg: Config) -> FinishedRun | None:
+def finished_export(run_dir: str | Path | Store, name: str, cfg: Config, log: Callable[[str], None] = print
+                    ) -> FinishedRun | None:
     """The published export of run `name` made with these settings in run_dir/model, if complete
-    (run.json is written after everything else)."""
+    (run.json is written after everything else) and every file still matches run.json's record."""
     marker = store(run_dir).child("model", "run.json")
     if not marker.is_file() or not marker.sibling("merged").is_dir():
         return None
     record = marker.read_json()
-    same = record.get("name") == name and record.get("fingerprint") == training_fingerprint(cfg)
-    return FinishedRun(record["metrics"]) if same else None
+    if record.get("name") != name or record.get("fingerprint") != training_fingerprint(cfg):
+        return None
+    try:
+        if not record.get("files"):
+            raise CheckpointCorrupt(f"{marker}: no integrity record of the export's files")
+        check_files(marker.parent(), record["files"], "export")
+    except CheckpointCorrupt as err:
+        log(f"train: {err}; not trusting the export, exporting it again from the final checkpoint")
+        return None
+    return FinishedRun(record["metrics"])
 
 
 def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepared: str | Path | Store,
@@ -140,16 +152,17 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepa
     `datasets`: from `training_datasets` when the caller already joined them."""
     tc = cfg.train
     run_dir = store(run_dir)
-    finished = finished_export(run_dir, name, cfg)
+    finished = finished_export(run_dir, name, cfg, log)
     if finished is not None:
         log(f"train: {name} already finished; its export in {run_dir.child('model')} is up to date")
         return finished
+    storage = run_dir.child("ray")
+    verify_resume_checkpoint(storage.child(name), log)  # before any work: a corrupt checkpoint is refused
     datasets = datasets or training_datasets(cfg, cache_dir, prepared)
     train_ds, n_train, eval_ds, n_eval = (datasets[k] for k in ("train", "n_train", "eval", "n_eval"))
     steps = total_steps(n_train, cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model)
     backend = tc.backend if tc.backend != "auto" else ("nccl" if tc.use_gpu else "gloo")
-    storage = run_dir.child("ray")
     log(f"train: {n_train} pairs ({n_eval} held out), {tc.num_workers} workers x {tc.micro_batch_size} pairs, "
         f"ZeRO-{tc.zero_stage}, {backend}, {steps} steps; checkpoints in {storage.child(name)}")
     metrics_log = run_dir.child(f"{name}_metrics.jsonl")
@@ -177,7 +190,8 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepa
             scratch.copy_from(export)
             if metrics_log.is_file():  # the training curve travels with the model it made
                 scratch.child("metrics.jsonl").copy_from(metrics_log)
-            record = {"name": name, "fingerprint": training_fingerprint(cfg), "metrics": dict(result.metrics)}
+            record = {"name": name, "fingerprint": training_fingerprint(cfg), "metrics": dict(result.metrics),
+                      "files": file_records(scratch)}  # checked before the export is trusted again
             scratch.child("run.json").write_json(record)
             target.publish_from(scratch, "run.json")
             log(f"train: merged model and adapter weights in {target}")

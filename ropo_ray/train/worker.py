@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ropo_ray.adapters.inject import ropo_layers
 from ropo_ray.adapters.registry import attach_adapter
 from ropo_ray.config.schema import Config
+from ropo_ray.train.checkpoints import write_record
 from ropo_ray.train.ds_config import deepspeed_config
 from ropo_ray.train.flops import StepFlopModel, batch_sizes, measure_peak_flops, step_flop_model
 from ropo_ray.train.model_io import load_model
@@ -87,6 +88,8 @@ def _save(engine: Any, state: dict[str, Any], metrics: dict[str, float], export:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
         if export is not None:
             _export(engine, export, Path(tmp))
+        context = ray.train.get_context()  # this rank's sizes and sha256 of its files, written last
+        write_record(Path(tmp), context.get_world_rank(), context.get_world_size())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
