@@ -6,7 +6,9 @@ reach Tune through `TuneReportCallback`; trials queue for their workers' CPUs in
 Every trial reads one joined copy of the prepared pairs and the cached reference log-probs, so after
 the cache stage the sweep loads no reference model and performs no reference forward. ASHA stops
 weak trials on the held-out objective. An interrupted sweep resumes with `Tuner.restore`: finished
-trials are kept, and an unfinished trial's TorchTrainer resumes from its own latest checkpoint.
+trials are kept, and an unfinished trial's TorchTrainer resumes from its own latest checkpoint. A
+trial that crashes does not stop the sweep: it is reported (summary, log, results table) with the
+root cause of its error, and the best configuration is chosen among the trials that completed.
 
 Outputs under <run_dir>/sweep/<name>/: results.csv and results.parquet (one row per trial: its
 values, status and final metrics), best.yaml (the best trial's full config, which `ropo-ray train`
@@ -16,6 +18,7 @@ accepts unchanged), and runs/<trial_id>/ (each trial's config, checkpoints, metr
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -156,6 +159,15 @@ def _tuner(cfg: Config, trainable: Any, storage: Store, name: str, steps: int, l
 
 
 STATUS_RANK = {"completed": 0, "stopped early": 1, "error": 2}
+CAUSE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Corrupt)\b.*?: ")
+
+
+def error_message(error: BaseException, limit: int = 300) -> str:
+    """A trial's error in one line: its root cause, the last `SomeError: message` line of its text (a
+    trial's error wraps Ray Train's, which wraps the worker's traceback), else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if CAUSE.match(line)]
+    return (causes[-1] if causes else lines[0] if lines else type(error).__name__)[:limit]
 
 
 def results_rows(grid: Any, steps: int, searched: list[str]) -> list[dict[str, Any]]:
@@ -173,7 +185,7 @@ def results_rows(grid: Any, steps: int, searched: list[str]) -> list[dict[str, A
         values = {key: result.config.get(key) for key in searched}
         row = {"trial_id": metrics.get("trial_id", Path(result.path).name), "run": trial_key(values),
                "status": status, **values, **{key: metrics.get(key) for key in TABLE_METRICS},
-               "error": None if result.error is None else str(result.error).splitlines()[0][:300]}
+               "error": None if result.error is None else error_message(result.error)}
         kept = rows.get(row["run"])
         if kept is None or STATUS_RANK[status] < STATUS_RANK[kept["status"]]:
             rows[row["run"]] = row
@@ -246,7 +258,10 @@ def run_sweep(cfg: Config, model_dir: Path, cache: dict[str, Any], prepared: str
     best_yaml = folder.child("best.yaml")
     save_config(best_config(cfg, {k: best[k] for k in searched}), best_yaml)
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in ("completed", "stopped early", "error")}
-    summary = {"folder": folder.location, "trials": len(rows), **counts, "best_trial": best["trial_id"],
+    failed = [{"trial_id": r["trial_id"], "values": {k: r[k] for k in searched}, "error": r["error"]}
+              for r in rows if r["status"] == "error"]
+    summary = {"folder": folder.location, "trials": len(rows), **counts, "failed": failed,
+               "best_trial": best["trial_id"],
                "best_values": {k: best[k] for k in searched}, "best_objective": best[METRIC],
                "reference_forwards": cache["reference_forwards"], "results_csv": csv_path.location,
                "results_parquet": parquet_path.location, "best_yaml": best_yaml.location,
@@ -254,6 +269,8 @@ def run_sweep(cfg: Config, model_dir: Path, cache: dict[str, Any], prepared: str
     log(f"sweep: {len(rows)} trials ({counts['completed']} completed, {counts['stopped early']} stopped early by "
         f"ASHA, {counts['error']} errored) in {summary['seconds']:.0f} s; reference forwards during the sweep: "
         f"{cache['reference_forwards']} (cache {cache['key']}: {cache['reused']} of {cache['pairs']} pairs reused)")
+    for trial in failed:
+        log(f"sweep: trial {trial['trial_id']} failed ({trial_overrides(trial['values'])}): {trial['error']}")
     log(f"sweep: best {best['trial_id']} objective ({cfg.tune.objective}{penalties(cfg)})={best[METRIC]:.4f} with "
         f"{trial_overrides(summary['best_values'])}; train it with `ropo-ray train --config {best_yaml}`")
     return summary

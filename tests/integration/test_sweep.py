@@ -118,3 +118,31 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(polite_data, tin
     rows = pq.read_table(folder / "results.parquet").to_pylist()
     assert sorted(r["status"] for r in rows) == ["completed"] * 3
     assert sorted(r["loss.beta"] for r in rows) == [0.2, 0.5, 1.0]
+
+
+def test_crashing_trial_is_reported_and_the_sweep_continues(polite_data, tiny_assets, tmp_path, capsys):
+    """One trial of a two-trial grid asks for a rotation block (128) larger than the tiny model's layers
+    (hidden size 64): its workers raise while building the model, for real. The sweep still finishes:
+    the other trial completes, the summary, the log and the results table name the failed trial with
+    the error, and the best configuration is the trial that finished."""
+    root = polite_data[0]
+    (tmp_path / "data").symlink_to(root / "data")
+    args = sweep_args(polite_data, tiny_assets, [
+        f"pipeline.run_dir={tmp_path}", "train.max_steps=4", "tune.search=grid", "tune.lr_values=[0.03]",
+        "tune.beta_values=[0.5]", "tune.block_size_choices=[[2],[128]]", "tune.scheduler=none",
+        "train.max_failures=0"])
+    assert main(["sweep", *args]) == 0
+    out = capsys.readouterr().out
+    summary = yaml.safe_load(out[out.index("sweep:\n"):])["sweep"]
+    assert (summary["trials"], summary["completed"], summary["error"]) == (2, 1, 1)
+    expected = "block size 128 is larger than the layer's input dimension 64"  # hidden_size of tiny_assets
+    (failed,) = summary["failed"]
+    assert failed["values"]["adapter.block_sizes"] == "128" and expected in failed["error"], failed
+    assert any(failed["trial_id"] in line and expected in line for line in out.splitlines()), out
+    rows = {r["adapter.block_sizes"]: r for r in pq.read_table(summary["results_parquet"]).to_pylist()}
+    assert rows["128"]["status"] == "error" and expected in rows["128"]["error"]
+    assert rows["2"]["status"] == "completed" and rows["2"]["step"] == 4 and rows["2"]["error"] is None
+    assert summary["best_trial"] == rows["2"]["trial_id"] and summary["best_values"]["adapter.block_sizes"] == "2"
+    assert load_config(summary["best_yaml"]).adapter.block_sizes == (2,)
+    records = trial_records(Path(summary["folder"]))[rows["2"]["run"]]
+    assert max(r["step"] for r in records) == 4
