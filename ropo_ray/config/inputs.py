@@ -132,6 +132,9 @@ class ModelConfig:
     """Run a model folder's own Python code. Off unless turned on explicitly."""
     allow_pickle_weights: bool = False
     """Accept pickle-based weight files (*.bin, *.pt). Off: safetensors only."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """transformers' attention kernel. auto: eager for bf16 compute on the CPU (faster there than the CPU
+    flash-attention kernel), transformers' default (SDPA) otherwise."""
 
 
     def __post_init__(self) -> None:

@@ -41,16 +41,35 @@ def load_tokenizer(path: str | Path, cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(path: str | Path, cfg: ModelConfig) -> nn.Module:
-    """A causal LM from a checked folder, in the configured dtype, in eval mode."""
+def attention_implementation(cfg: ModelConfig, bf16: bool, gpu: bool) -> str | None:
+    """The attention kernel to load the model with; None leaves transformers' default (SDPA).
+
+    `model.attn_implementation=auto` picks "eager" when the model computes in bf16 on the CPU: on the
+    Zen 4 machines (BENCHMARKS.md, training step) PyTorch's CPU flash-attention kernel in bf16 made a
+    frozen-base forward + backward about a third slower than the eager softmax(QK^T)V, while in fp32
+    SDPA is the faster one and on GPUs SDPA / flash attention are.
+    """
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return "eager" if bf16 and not gpu else None
+
+
+def load_model(path: str | Path, cfg: ModelConfig, *, bf16: bool = False, gpu: bool = False) -> nn.Module:
+    """A causal LM from a checked folder, in the configured dtype, in eval mode.
+
+    `bf16`: the caller computes in bf16 (train.precision=bf16) even if the weights load in fp32; with
+    `gpu` it picks the attention kernel (`attention_implementation`).
+    """
     from transformers import AutoModelForCausalLM
 
     folder = check_model_folder(path, cfg)
+    attention = attention_implementation(cfg, bf16 or cfg.dtype == "bfloat16", gpu)
     # use_safetensors=True makes transformers refuse pickle files; when they are allowed, weights_only
     # keeps torch.load to tensors (a pickle that would run code is refused, never executed).
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
         use_safetensors=not cfg.allow_pickle_weights or None, weights_only=True,
+        **({"attn_implementation": attention} if attention else {}),
     )
     return model.eval()
 

@@ -138,7 +138,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     torch.manual_seed(tc.seed)
-    model = attach_adapter(load_model(config["model_dir"], cfg.model), cfg.adapter)
+    model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=tc.precision == "bf16", gpu=tc.use_gpu),
+                           cfg.adapter)
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -178,3 +178,25 @@ def test_remote_code_runs_only_when_trusted(model_folder, tmp_path, trust):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert marker.exists() == (trust == "true")
+
+
+@pytest.mark.parametrize(("setting", "bf16", "gpu", "expected"), [
+    ("auto", True, False, "eager"),  # bf16 on the CPU: the eager kernel (BENCHMARKS.md, training step)
+    ("auto", False, False, "sdpa"),  # otherwise transformers' default
+    ("auto", True, True, "sdpa"),
+    ("sdpa", True, False, "sdpa"),  # an explicit setting is used as given
+    ("eager", False, False, "eager"),
+])
+def test_attention_kernel_follows_the_setting_and_compute(model_folder, setting, bf16, gpu, expected):
+    model = load_model(model_folder, ModelConfig(attn_implementation=setting), bf16=bf16, gpu=gpu)
+    assert model.config._attn_implementation == expected
+
+
+def test_eager_and_sdpa_attention_compute_the_same_logits(model_folder):
+    """The kernel choice changes speed, not the function: same logits on a padded batch."""
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 5, 6, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    eager, sdpa = (load_model(model_folder, ModelConfig(attn_implementation=k)) for k in ("eager", "sdpa"))
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (eager, sdpa))
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=1e-5, atol=1e-5)
