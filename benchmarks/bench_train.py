@@ -42,7 +42,8 @@ from pathlib import Path
 import benchlib
 from benchlib import load_json, machine_busy_seconds, versions
 
-SIDES = ("trl", "trl_nogc", "ropo_fp32", "ropo_bf16", "base")
+SIDES = ("trl", "trl_nogc", "ropo_fp32", "ropo_bf16", "ropo_bf16_gc", "base")
+EXTRA_SIDES = ("ropo_fp32_gc", "ropo_fp32_profile", "ropo_bf16_profile")  # for bench_step.py and one-off checks
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -250,8 +251,10 @@ def init_single_process_group() -> None:
 
 PROFILE_GROUPS = {  # self CPU time of profiled ops, grouped by what they do (first match wins)
     "rotation kernel (band chain, forward + backward)": ("_BandChain",),
-    "matmuls (frozen weights, attention, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul",
-                                                   "aten::_scaled_dot_product", "aten::linear"),
+    "attention (scaled dot product, forward + backward)": ("aten::_scaled_dot_product", "aten::_softmax"),
+    "matmuls (frozen weights, LM head, small Cayley blocks)": ("aten::mm", "aten::addmm", "aten::bmm",
+                                                             "aten::matmul", "aten::linear"),
+    "dtype conversions and copies": ("aten::copy_", "aten::_to_copy"),
     "rotation parameters (Cayley solves, band coefficients)": ("aten::linalg_", "aten::lu", "aten::index",
                                                                "aten::_index_put", "aten::triu"),
     "optimizer (DeepSpeed AdamW, ZeRO-2 buffers)": ("Optimizer", "aten::_foreach", "aten::addcdiv", "aten::lerp",
@@ -260,18 +263,19 @@ PROFILE_GROUPS = {  # self CPU time of profiled ops, grouped by what they do (fi
 
 
 def profile_groups(prof) -> dict[str, float]:
-    """Seconds of self CPU time per PROFILE_GROUPS group (the rest: elementwise, norms, softmax, copies)."""
-    groups = {name: 0.0 for name in PROFILE_GROUPS} | {"other ops (elementwise, norms, softmax, copies)": 0.0}
+    """Seconds of self CPU time per PROFILE_GROUPS group (the rest: elementwise, norms, rotary, fills)."""
+    groups = {name: 0.0 for name in PROFILE_GROUPS} | {"other ops (elementwise, norms, rotary, fills)": 0.0}
     for event in prof.key_averages():
         name = next((g for g, prefixes in PROFILE_GROUPS.items() if event.key.startswith(prefixes)),
-                    "other ops (elementwise, norms, softmax, copies)")
+                    "other ops (elementwise, norms, rotary, fills)")
         groups[name] += event.self_cpu_time_total / 1e6
     return groups
 
 
-def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False) -> dict:
+def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, checkpointing: bool = False) -> dict:
     """The Ray Train worker's step (ropo_ray.train.worker._train_epoch) in one process, world size 1.
-    With `profile`, the timed steps run under torch.profiler and the result holds its grouped self time."""
+    With `profile`, the timed steps run under torch.profiler and the result holds its grouped self time;
+    `checkpointing` is train.activation_checkpointing (set up as the worker does)."""
     import deepspeed
     import ray.train  # noqa: F401  (a Ray Train worker has Ray loaded: count its memory)
     import torch
@@ -288,9 +292,12 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False) -
     after_imports = peak_rss_mib()
     init_single_process_group()
     total = args.warmup + args.steps
-    tc = TrainConfig(micro_batch_size=args.batch, precision=precision, max_steps=total)
+    tc = TrainConfig(micro_batch_size=args.batch, precision=precision, max_steps=total,
+                     activation_checkpointing=checkpointing)
     torch.manual_seed(tc.seed)
-    model = attach_adapter(load_model(args.work / "model", ModelConfig()), AdapterConfig())
+    model = attach_adapter(load_model(args.work / "model", ModelConfig(), bf16=precision == "bf16"), AdapterConfig())
+    if tc.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     flop_model = step_flop_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -327,7 +334,9 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False) -
             "trainable_parameters": trainable,
             "flop_model": {"per_token": flop_model.per_token, "per_length_sq": flop_model.per_length_sq},
             "phase_seconds": phases, "zero_stage": tc.zero_stage, "precision": precision,
-            "module_dtype": str(next(engine.module.parameters()).dtype), "rss_after_imports_mib": after_imports}
+            "activation_checkpointing": tc.activation_checkpointing,
+            "module_dtype": str(next(engine.module.parameters()).dtype),
+            "attention": engine.module.config._attn_implementation, "rss_after_imports_mib": after_imports}
 
 
 def side_base(args: argparse.Namespace) -> dict:
@@ -370,7 +379,10 @@ def side_base(args: argparse.Namespace) -> dict:
 def run_side(args: argparse.Namespace) -> None:
     runners = {"prepare": side_prepare, "trl": side_trl, "trl_nogc": lambda a: side_trl(a, checkpointing=False),
                "ropo_fp32": lambda a: side_ropo(a, "fp32"), "ropo_bf16": lambda a: side_ropo(a, "bf16"),
+               "ropo_fp32_gc": lambda a: side_ropo(a, "fp32", checkpointing=True),
+               "ropo_bf16_gc": lambda a: side_ropo(a, "bf16", checkpointing=True),
                "ropo_fp32_profile": lambda a: side_ropo(a, "fp32", profile=True),
+               "ropo_bf16_profile": lambda a: side_ropo(a, "bf16", profile=True),
                "base": side_base}
     result = runners[args.side](args)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -513,7 +525,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--allocator-pass", type=int, default=1,
                         help="1: also measure every side's peak RSS with MALLOC_MMAP_THRESHOLD_=131072")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
-    parser.add_argument("--side", choices=("prepare", "ropo_fp32_profile", *SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("prepare", *EXTRA_SIDES, *SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

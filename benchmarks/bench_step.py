@@ -1,0 +1,132 @@
+"""Where a RoPO training step's time goes, and how the step scales with sequence length and batch.
+
+    python benchmarks/bench_step.py        # -> results/step.json
+
+Uses bench_train.py's model (49M-parameter Llama), data and sides, each in its own process:
+
+- profile: one `ropo_fp32` and one `ropo_bf16` run at the default point (8 pairs of <= 81 tokens) whose timed
+  steps run under torch.profiler; self time grouped (bench_train.PROFILE_GROUPS) into the rotation kernel,
+  attention, matmuls, dtype conversions, the rotation's parameter side (Cayley solves, band coefficients), the
+  optimizer and the rest, plus the wall-clock phases (data collation, forward, backward, optimizer step);
+- layer: one RoPO layer alone (1,296 tokens, as in a step of 8 pairs of 81 tokens), forward + backward, in
+  three forms side by side: the frozen `nn.Linear`, RoPO with the torch block matmuls, RoPO with the band
+  kernel (medians of 30 calls each, interleaved);
+- scaling: `ropo_fp32` and `base` (frozen model, forward + backward) at sequence lengths 41 / 81 / 161
+  (batch 8) and batches 4 / 8 / 16 (length 81), one run each, sides back to back per point, so the RoPO
+  overhead at each point compares like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import bench_train
+import benchlib
+
+POINTS = [(41, 8), (81, 8), (161, 8), (81, 4), (81, 16)]  # (sequence length, pairs per step)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step.json"))
+    benchlib.add_quiet_arguments(parser, max_other_cores=0.2)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def point_args(args: argparse.Namespace, work: Path, seq_len: int, batch: int) -> argparse.Namespace:
+    """bench_train's arguments for one point, with its own work folder (model, rows)."""
+    base = bench_train.parse_args([])
+    for key, value in vars(args).items():
+        setattr(base, key, value)
+    base.seq_len, base.batch, base.work = seq_len, batch, work
+    return base
+
+
+def layer_times(tokens: int = 1296, calls: int = 30) -> list[dict]:
+    """Median ms of forward + backward for one layer: frozen linear, RoPO (torch), RoPO (band kernel)."""
+    import statistics
+
+    import torch
+    from torch import nn
+
+    from ropo_ray.adapters.ropo_linear import RoPOLinear
+
+    torch.set_num_threads(2)
+    out = []
+    for d, n in ((640, 640), (640, 1664), (1664, 640)):
+        torch.manual_seed(0)
+        base = nn.Linear(d, n, bias=False).requires_grad_(False)
+        x = torch.randn(tokens, d, requires_grad=True)
+        forms = {"frozen linear": base, "RoPO, torch block matmuls": RoPOLinear(base, kernel="torch"),
+                 "RoPO, band kernel": RoPOLinear(base, kernel="native")}
+        times: dict[str, list[float]] = {k: [] for k in forms}
+        for i in range(calls + 3):
+            for name, layer in forms.items():
+                t = time.perf_counter()
+                layer(x).sum().backward()
+                if i >= 3:
+                    times[name].append(time.perf_counter() - t)
+        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        out.append({"in": d, "out": n, "tokens": tokens, "median_ms": med,
+                    "overhead_vs_frozen": {k: v / med["frozen linear"] - 1 for k, v in med.items()
+                                           if k != "frozen linear"}})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def drive(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    bench_train.wait_for_quiet(args)
+    layers = layer_times()
+    points = []
+    profiles: dict[str, dict] = {}
+    for seq_len, batch in POINTS:
+        work = args.work / f"len{seq_len}-batch{batch}"
+        work.mkdir()
+        pargs = point_args(args, work, seq_len, batch)
+        bench_train.spawn(pargs, "prepare", f"prepare-{seq_len}x{batch}")
+        runs = {side: bench_train.spawn(pargs, side, f"{side}-{seq_len}x{batch}") for side in ("ropo_fp32", "base")}
+        if (seq_len, batch) == (81, 8):
+            profiles = {p: bench_train.spawn(pargs, f"ropo_{p}_profile", f"profile-{p}") for p in ("fp32", "bf16")}
+        r, b = runs["ropo_fp32"], runs["base"]
+        points.append({
+            "seq_len": seq_len, "batch_pairs": batch,
+            "step_seconds": {s: v["step_seconds"] for s, v in runs.items()},
+            "tokens_per_step": r["tokens"] / r["steps"],
+            "pairs_per_s": {s: v["pairs_per_s"] for s, v in runs.items()},
+            "ropo_overhead_forward_backward": (r["phase_seconds"]["forward"] + r["phase_seconds"]["backward"])
+            / (b["phase_seconds"]["forward"] + b["phase_seconds"]["backward"]) - 1,
+            "phase_seconds": {s: v["phase_seconds"] for s, v in runs.items()},
+            "other_cores": {s: v["contention"]["other_cores"] for s, v in runs.items()},
+        })
+        print(json.dumps({k: points[-1][k] for k in ("seq_len", "batch_pairs", "step_seconds",
+                                                     "ropo_overhead_forward_backward")}), flush=True)
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "profile": {precision: {
+            "steps": p["steps"], "step_seconds": p["step_seconds"],
+            "phase_seconds_per_step": {k: v / p["steps"] for k, v in p["phase_seconds"].items()},
+            "self_seconds_per_step": {k: v / p["steps"] for k, v in p["profile_self_seconds"].items()},
+            "other_cores": p["contention"]["other_cores"],
+        } for precision, p in profiles.items()},
+        "profile_note": "self time = time inside each op on the calling thread (an op's two compute threads "
+                        "are not counted twice); the profiler adds its own overhead to the step",
+        "layer": layers,
+        "scaling": points,
+        "total_seconds": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    benchlib.main(parse_args(), lambda a: None, drive, "bench-step-", ("scaling",))
+
+
+if __name__ == "__main__":
+    main()
