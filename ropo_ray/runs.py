@@ -18,7 +18,7 @@ from torch import nn
 from ropo_ray.adapters.registry import merge_adapter
 from ropo_ray.config import Config, save_config
 from ropo_ray.storage import Store
-from ropo_ray.train.model_io import save_model_folder
+from ropo_ray.train.model_io import check_model_folder, load_tokenizer, save_model_folder
 
 Log = Callable[[str], None]
 
@@ -35,22 +35,29 @@ HUB_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "genera
 def resolve_model(cfg: Config, log: Log = print) -> Path:
     """The reference model folder: the configured one, a hub model (downloaded once, safetensors and
     tokenizer files only), or the built-in task's (built when missing)."""
-    if cfg.model.path:
-        return Path(cfg.model.path)
-    if cfg.model.hub_id:
-        from huggingface_hub import snapshot_download
-
-        target = Path(cfg.pipeline.artifacts_dir) / "hub" / cfg.model.hub_id.replace("/", "__") / cfg.model.revision
-        log(f"model: {cfg.model.hub_id}@{cfg.model.revision} -> {target}")
-        snapshot_download(cfg.model.hub_id, revision=cfg.model.revision, local_dir=str(target),
-                          allow_patterns=list(HUB_FILES))
-        return target
+    if cfg.model.path or cfg.model.hub_id:
+        folder = Path(cfg.model.path) if cfg.model.path else _download(cfg, log)
+        # A folder without safetensors, or a tokenizer without a chat template, fails here, before Ray starts.
+        check_model_folder(folder, cfg.model)
+        load_tokenizer(tokenizer_dir(cfg, folder), cfg.model)
+        return folder
     from ropo_ray.train.demo_model import build_demo_model
 
     info = build_demo_model(cfg.task, demo_model_dir(cfg), log=log)
     log(f"demo model: {info['num_params']:,} params, verifier accuracy {info['verifier_accuracy']:.3f}, "
         f"probe accuracy {info['probe_accuracy']:.3f}")
     return demo_model_dir(cfg)
+
+
+def _download(cfg: Config, log: Log) -> Path:
+    """The hub model's safetensors and tokenizer files, once, under <artifacts_dir>/hub/."""
+    from huggingface_hub import snapshot_download
+
+    target = Path(cfg.pipeline.artifacts_dir) / "hub" / cfg.model.hub_id.replace("/", "__") / cfg.model.revision
+    log(f"model: {cfg.model.hub_id}@{cfg.model.revision} -> {target}")
+    snapshot_download(cfg.model.hub_id, revision=cfg.model.revision, local_dir=str(target),
+                      allow_patterns=list(HUB_FILES))
+    return target
 
 
 def tokenizer_dir(cfg: Config, model_dir: Path) -> Path:

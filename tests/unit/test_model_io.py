@@ -122,6 +122,27 @@ def test_prepare_refuses_a_tokenizer_without_chat_template_before_any_work(model
     assert not out.parent.exists()
 
 
+def test_the_pipeline_refuses_a_bad_model_or_tokenizer_folder_before_ray(model_folder, tmp_path):
+    """runs.resolve_model (the pipeline's first stage, before connect_ray) checks a configured folder."""
+    import ray
+
+    from ropo_ray.config import load_config
+    from ropo_ray.runs import resolve_model
+
+    weightless = _copy_without_weights(model_folder, tmp_path / "weightless")
+    with pytest.raises(ConfigError, match=f"model.path: {weightless} holds no"):
+        resolve_model(load_config(None, [f"model.path={weightless}"]))
+    no_template = tmp_path / "tok"
+    tokenizer = load_tokenizer(model_folder, SAFE)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(str(no_template))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match=f"the tokenizer at {no_template} has no chat template"):
+        resolve_model(load_config(None, [f"model.path={model_folder}", f"model.tokenizer_path={no_template}"]))
+    assert resolve_model(load_config(None, [f"model.path={model_folder}"])) == model_folder
+    assert not ray.is_initialized()
+
+
 # ---- remote code ---------------------------------------------------------------------------------------
 
 REMOTE_CODE = """
