@@ -37,7 +37,7 @@ from ropo_ray.runs import (
     tokenizer_dir,
     train_run_name,
 )
-from ropo_ray.train.ray_trainer import train_ray
+from ropo_ray.train.ray_trainer import SharedDatasets, train_ray
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -69,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training the sweep's best configuration: {trial_overrides(sweep['best_values'])}")
 
     exports, finals = [], {}
+    datasets = SharedDatasets(cfg, cache["cache_dir"], prepared_dir(cfg))  # one join for every run below
     for label, run_cfg, folder in [("main", cfg, run_dir), *compare_configs(cfg, run_dir)]:
         with stage(f"train {label}: {run_cfg.adapter.type}, {run_cfg.loss.type} (Ray Train + DeepSpeed)"):
             result = train_ray(run_cfg, model_dir, cache["cache_dir"], prepared_dir(cfg), folder,
-                               name=train_run_name(run_cfg, cache["key"]))
+                               name=train_run_name(run_cfg, cache["key"]), datasets=datasets)
         exports.append(folder.child("model"))
         finals[label] = {k: result.metrics.get(k) for k in ("eval/loss", "eval/rewards/accuracies", "step")}
 

@@ -115,6 +115,21 @@ def training_datasets(cfg: Config, cache_dir: str | Path | Store, prepared: str 
     return {"train": train_ds, "eval": eval_ds, "n_train": n_train, "n_eval": n_eval}
 
 
+class SharedDatasets:
+    """The joined train and eval datasets, built on first use and then reused: the pipeline's main run and
+    its baselines train on the same prepared pairs and cache, so they share one join (a run that is
+    already finished and skipped never triggers it)."""
+
+    def __init__(self, cfg: Config, cache_dir: str | Path | Store, prepared: str | Path | Store) -> None:
+        self.cfg, self.cache_dir, self.prepared = cfg, cache_dir, prepared
+        self._datasets: dict[str, Any] | None = None
+
+    def get(self) -> dict[str, Any]:
+        if self._datasets is None:
+            self._datasets = training_datasets(self.cfg, self.cache_dir, self.prepared)
+        return self._datasets
+
+
 class FinishedRun:
     """What `train_ray` returns for a run whose export is already published (the fit is skipped)."""
 
@@ -146,10 +161,11 @@ def finished_export(run_dir: str | Path | Store, name: str, cfg: Config, log: Ca
 def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepared: str | Path | Store,
               run_dir: str | Path | Store, name: str = "train",
               log: Callable[[str], None] = print, callbacks: list[Any] | None = None,
-              datasets: dict[str, Any] | None = None) -> Any:
+              datasets: dict[str, Any] | SharedDatasets | None = None) -> Any:
     """Fit the TorchTrainer (resuming a run of the same name) and copy its export to run_dir/model.
 
-    `datasets`: from `training_datasets` when the caller already joined them."""
+    `datasets`: from `training_datasets` when the caller already joined them, or a `SharedDatasets`
+    that joins them on first use."""
     tc = cfg.train
     run_dir = store(run_dir)
     finished = finished_export(run_dir, name, cfg, log)
@@ -158,6 +174,8 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepa
         return finished
     storage = run_dir.child("ray")
     verify_resume_checkpoint(storage.child(name), log)  # before any work: a corrupt checkpoint is refused
+    if isinstance(datasets, SharedDatasets):
+        datasets = datasets.get()
     datasets = datasets or training_datasets(cfg, cache_dir, prepared)
     train_ds, n_train, eval_ds, n_eval = (datasets[k] for k in ("train", "n_train", "eval", "n_eval"))
     steps = total_steps(n_train, cfg)
