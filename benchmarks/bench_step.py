@@ -105,6 +105,7 @@ def drive(args: argparse.Namespace) -> dict:
             / (b["phase_seconds"]["forward"] + b["phase_seconds"]["backward"]) - 1,
             "phase_seconds": {s: v["phase_seconds"] for s, v in runs.items()},
             "other_cores": {s: v["contention"]["other_cores"] for s, v in runs.items()},
+            "peak_rss_mib": {s: v["peak_rss_mib"]["vmhwm"] for s, v in runs.items()},
         })
         print(json.dumps({k: points[-1][k] for k in ("seq_len", "batch_pairs", "step_seconds",
                                                      "ropo_overhead_forward_backward")}), flush=True)
