@@ -129,6 +129,7 @@ def test_the_pipeline_refuses_a_bad_model_or_tokenizer_folder_before_ray(model_f
     from ropo_ray.config import load_config
     from ropo_ray.runs import resolve_model
 
+    ray_before = ray.is_initialized()  # other tests of the session may have started Ray already
     weightless = _copy_without_weights(model_folder, tmp_path / "weightless")
     with pytest.raises(ConfigError, match=f"model.path: {weightless} holds no"):
         resolve_model(load_config(None, [f"model.path={weightless}"]))
@@ -140,7 +141,7 @@ def test_the_pipeline_refuses_a_bad_model_or_tokenizer_folder_before_ray(model_f
     with pytest.raises(ConfigError, match=f"the tokenizer at {no_template} has no chat template"):
         resolve_model(load_config(None, [f"model.path={model_folder}", f"model.tokenizer_path={no_template}"]))
     assert resolve_model(load_config(None, [f"model.path={model_folder}"])) == model_folder
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_before  # resolve_model never starts Ray
 
 
 # ---- remote code ---------------------------------------------------------------------------------------
