@@ -63,16 +63,16 @@ class TaskConfig:
         check(self.max_operand >= 4, "task.max_operand", "must be >= 4")
         num_problems = self.max_operand ** 2 + self.max_operand * (self.max_operand + 1) // 2
         check(2 * self.num_heldout_prompts <= num_problems, "task.num_heldout_prompts",
-               f"must be at most half of the {num_problems} problems task.max_operand={self.max_operand} allows")
+              f"must be at most half of the {num_problems} problems task.max_operand={self.max_operand} allows")
         for key in ("verbose_chosen_prob", "sft_filler_prob"):
             check(0.0 <= getattr(self, key) <= 1.0, f"task.{key}", "must be in [0, 1]")
         check(0.0 <= self.sft_warmup_ratio < 1.0, "task.sft_warmup_ratio", "must be in [0, 1)")
         check(self.num_heads > 0 and self.hidden_size % self.num_heads == 0, "task.num_heads",
-               f"must divide task.hidden_size={self.hidden_size}")
+              f"must divide task.hidden_size={self.hidden_size}")
         check(self.hidden_size // max(self.num_heads, 1) >= 32, "task.num_heads",
-               "head_dim = hidden_size / num_heads must be >= 32 (vLLM's CPU attention)")
+              "head_dim = hidden_size / num_heads must be >= 32 (vLLM's CPU attention)")
         check(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "task.num_kv_heads",
-               f"must divide task.num_heads={self.num_heads}")
+              f"must divide task.num_heads={self.num_heads}")
         for key in ("num_sft_examples", "fact_repeats", "num_pairs", "num_heldout_prompts", "vocab_size",
                     "num_layers", "intermediate_size", "max_position_embeddings", "sft_epochs", "sft_batch_size"):
             check(getattr(self, key) > 0, f"task.{key}", "must be > 0")
@@ -140,7 +140,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check(not (self.path and self.hub_id), "model.path", "give model.path or model.hub_id, not both")
         check(not self.hub_id or self.hub_id.count("/") == 1, "model.hub_id",
-               f"expected 'organisation/name', got {self.hub_id!r}")
+              f"expected 'organisation/name', got {self.hub_id!r}")
 
 
 @dataclass(frozen=True)

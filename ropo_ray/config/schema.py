@@ -112,7 +112,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         for spec in self.compare_runs:
             check(bool(spec.split()) and all("=" in item for item in spec.split()), "pipeline.compare_runs",
-                   f"each entry is 'section.key=value ...', got {spec!r}")
+                  f"each entry is 'section.key=value ...', got {spec!r}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.tune.kl_penalty or self.tune.length_penalty:
             check(self.train.probe_prompts > 0, "train.probe_prompts",
-                   "tune.kl_penalty / tune.length_penalty need the probe: set train.probe_prompts > 0")
+                  "tune.kl_penalty / tune.length_penalty need the probe: set train.probe_prompts > 0")
         if self.train.probe_prompts:
             check("full" not in {self.adapter.type, *self.tune.adapter_types}, "train.probe_prompts",
-                   "the probe's reference is the frozen base under the adapters; adapter.type=full has none")
+                  "the probe's reference is the frozen base under the adapters; adapter.type=full has none")

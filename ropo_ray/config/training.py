@@ -226,19 +226,19 @@ class TuneConfig:
         check(len(self.block_size_choices) > 0, "tune.block_size_choices", "needs at least one choice")
         for choice in self.block_size_choices:
             check(len(choice) > 0 and all(b >= 2 for b in choice), "tune.block_size_choices",
-                   f"every choice needs block sizes >= 2, got {choice}")
+                  f"every choice needs block sizes >= 2, got {choice}")
         for loss in self.loss_types:
             check(loss in LOSS_TYPES, "tune.loss_types", f"unknown loss {loss!r}; known: {list(LOSS_TYPES)}")
         for adapter in self.adapter_types:
             check(adapter in ADAPTER_TYPES, "tune.adapter_types",
-                   f"unknown adapter {adapter!r}; known: {list(ADAPTER_TYPES)}")
+                  f"unknown adapter {adapter!r}; known: {list(ADAPTER_TYPES)}")
         for choice in self.target_module_choices:
             check(len(choice) > 0, "tune.target_module_choices", "every choice needs at least one module pattern")
         check(self.kl_penalty >= 0 and self.length_penalty >= 0, "tune.kl_penalty",
-               "penalty weights must be >= 0")
+              "penalty weights must be >= 0")
         check(self.grace_period >= 0, "tune.grace_period", "must be >= 0")
         check(self.reduction_factor >= 2, "tune.reduction_factor", "must be >= 2")
         check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0 (0 derives it)")
         if self.search == "grid":
             check(bool(self.beta_values) and bool(self.lr_values), "tune.search",
-                   "a grid needs explicit tune.beta_values and tune.lr_values")
+                  "a grid needs explicit tune.beta_values and tune.lr_values")
