@@ -94,12 +94,17 @@ def test_allowed_pickle_weights_never_execute_code(model_folder, tmp_path):
     assert not marker.exists()
 
 
-def test_a_tokenizer_without_chat_template_is_named(model_folder, tmp_path):
-    folder = tmp_path / "tok"
+def _tokenizer_without_template(model_folder: Path, folder: Path) -> Path:
+    """The tiny model's tokenizer saved to `folder` with its chat template removed."""
     tokenizer = load_tokenizer(model_folder, SAFE)
     tokenizer.chat_template = None
     tokenizer.save_pretrained(str(folder))
     (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return folder
+
+
+def test_a_tokenizer_without_chat_template_is_named(model_folder, tmp_path):
+    folder = _tokenizer_without_template(model_folder, tmp_path / "tok")
     with pytest.raises(ConfigError, match=f"model.tokenizer_path: the tokenizer at {folder} has no chat template"):
         load_tokenizer(folder, SAFE)
 
@@ -109,11 +114,7 @@ def test_prepare_refuses_a_tokenizer_without_chat_template_before_any_work(model
     from ropo_ray.config import load_config
     from ropo_ray.data.prepare import prepare
 
-    folder = tmp_path / "tok"
-    tokenizer = load_tokenizer(model_folder, SAFE)
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(str(folder))
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    folder = _tokenizer_without_template(model_folder, tmp_path / "tok")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Q", "chosen": "A", "rejected": "B"}) + "\n")
     out = tmp_path / "run" / "data"
@@ -133,11 +134,7 @@ def test_the_pipeline_refuses_a_bad_model_or_tokenizer_folder_before_ray(model_f
     weightless = _copy_without_weights(model_folder, tmp_path / "weightless")
     with pytest.raises(ConfigError, match=f"model.path: {weightless} holds no"):
         resolve_model(load_config(None, [f"model.path={weightless}"]))
-    no_template = tmp_path / "tok"
-    tokenizer = load_tokenizer(model_folder, SAFE)
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(str(no_template))
-    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    no_template = _tokenizer_without_template(model_folder, tmp_path / "tok")
     with pytest.raises(ConfigError, match=f"the tokenizer at {no_template} has no chat template"):
         resolve_model(load_config(None, [f"model.path={model_folder}", f"model.tokenizer_path={no_template}"]))
     assert resolve_model(load_config(None, [f"model.path={model_folder}"])) == model_folder
