@@ -45,9 +45,9 @@ def attention_implementation(cfg: ModelConfig, bf16: bool, gpu: bool) -> str | N
     """The attention kernel to load the model with; None leaves transformers' default (SDPA).
 
     `model.attn_implementation=auto` picks "eager" when the model computes in bf16 on the CPU: on the
-    Zen 4 machines (BENCHMARKS.md, training step) PyTorch's CPU flash-attention kernel in bf16 made a
-    frozen-base forward + backward about a third slower than the eager softmax(QK^T)V, while in fp32
-    SDPA is the faster one and on GPUs SDPA / flash attention are.
+    Zen 4 machines PyTorch's CPU flash-attention backward in bf16 took 3.7x its fp32 time, and the RoPO
+    bf16 training step ran at 6.3 pairs/s with it against 7.5 with eager attention (BENCHMARKS.md,
+    training step). In fp32, and on GPUs, SDPA is kept.
     """
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
