@@ -105,9 +105,14 @@ class DataConfig:
     max_row_bytes: int = 1 << 20
     """Raw rows longer than this (bytes) are rejected as row_too_large before parsing or tokenising,
     so one gigantic line cannot exhaust memory; far above any pair the token limits keep."""
+    dedup_bucket_bytes: int = 8 << 20
+    """Input bytes per deduplication bucket. Kept rows are written in ceil(input bytes / this) buckets by
+    pair_id hash, and one task deduplicates one bucket holding only its rows: the memory of a task is set
+    by this, not by the input's size. Changes the file layout only, never the prepared rows."""
 
     def __post_init__(self) -> None:
         check(self.max_row_bytes > 0, "data.max_row_bytes", "must be > 0")
+        check(self.dedup_bucket_bytes > 0, "data.dedup_bucket_bytes", "must be > 0")
         check(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
         check(self.max_completion_tokens > 0, "data.max_completion_tokens", "must be > 0")
         check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")

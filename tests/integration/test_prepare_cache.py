@@ -125,7 +125,10 @@ def corpus(tmp_path_factory):
 def prepared(ray_local, corpus, tiny_assets, tmp_path_factory):
     root, _ = corpus
     out = tmp_path_factory.mktemp("run") / "data"
-    cfg = load_config(None, ["data.truncation=reject", "data.max_prompt_tokens=200", "data.eval_fraction=0.2"])
+    # 256 KiB per dedup bucket: the 4 MiB of input (most of it the gigantic row) makes 17 buckets, so the
+    # duplicates below are found only if every copy of a pair lands in the same bucket
+    cfg = load_config(None, ["data.truncation=reject", "data.max_prompt_tokens=200", "data.eval_fraction=0.2",
+                             "data.dedup_bucket_bytes=262144"])
     files = (str(root / "a.jsonl"), f"file://{root}/*.parquet", str(root / "hh"), str(root / "extra"))
     manifest = prepare(cfg, str(tiny_assets), out, files=files)
     return cfg, out, manifest, files
@@ -156,6 +159,33 @@ def test_counts_add_up_and_every_reason_is_recorded(prepared, corpus):
     first, sixth = f"same pair as {root / 'a.jsonl'} row 1", f"same pair as {root / 'a.jsonl'} row 6"
     last = 30 + len(BAD_LINES) + len(odd_good_lines()) + 1
     assert duplicates == [(0, first), (30 + len(BAD_LINES) + 3, sixth), (last, first)]
+    input_bytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert manifest["dedup"]["buckets"] == math.ceil(input_bytes / 262144) > 10
+
+
+def test_a_dedup_task_holds_one_bucket_whatever_the_input_size(ray_local, tiny_assets, tmp_path):
+    """Load: the deduplication's working set does not grow with the input. Four times the pairs make four
+    times the buckets (one per data.dedup_bucket_bytes of input), so the largest bucket, the most rows any
+    deduplication task reads, stays at the mean (rows / buckets, worked out here) give or take hashing
+    noise, and duplicates planted across files are still found."""
+    cfg = load_config(None, ["data.dedup_bucket_bytes=32768", "data.eval_fraction=0.2"])
+    largest, mean = {}, {}
+    for n in (1500, 6000):
+        rows = [json.dumps(r).encode() for r in good_rows(n)]
+        (tmp_path / f"{n}").mkdir()
+        (tmp_path / f"{n}" / "a.jsonl").write_bytes(b"\n".join(rows[: n // 2]) + b"\n")
+        # the second file repeats every 10th pair of the first: n // 20 duplicates across files
+        (tmp_path / f"{n}" / "b.jsonl").write_bytes(b"\n".join(rows[n // 2:] + rows[: n // 2: 10]) + b"\n")
+        input_bytes = sum(p.stat().st_size for p in (tmp_path / f"{n}").iterdir())
+        manifest = prepare(cfg, str(tiny_assets), tmp_path / f"out-{n}", files=(str(tmp_path / f"{n}"),))
+        assert manifest["kept"] == n and manifest["duplicates"] == n // 20 and manifest["rejected"] == 0
+        buckets = math.ceil(input_bytes / 32768)
+        assert manifest["dedup"]["buckets"] == buckets
+        largest[n], mean[n] = manifest["dedup"]["largest_bucket_rows"], (n + n // 20) / buckets
+    assert mean[6000] == pytest.approx(mean[1500], rel=0.15)  # 4x the input, 4x the buckets (give or take a ceil)
+    for n in largest:  # a train bucket holds ~80% of its rows; 1.25x the mean bounds the hashing spread
+        assert largest[n] <= 1.25 * mean[n], (n, largest[n], mean[n])
+    assert largest[6000] <= 1.25 * largest[1500]
 
 
 def test_wrong_column_types_stop_prepare_before_any_work(corpus, tiny_assets, tmp_path):
