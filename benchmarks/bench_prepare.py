@@ -114,11 +114,11 @@ def measured(command: str, overrides: list[str], what: str) -> dict:
             "log_tail": output.strip().splitlines()[-6:]}
 
 
-def run_size(work: Path, model_dir: Path, count: int, cache: bool) -> dict:
+def run_size(work: Path, model_dir: Path, count: int, cache: bool, settings: list[str]) -> dict:
     data = work / f"pairs-{count}.jsonl"
     size = write_pairs(model_dir, data, count)
     overrides = [f"pipeline.run_dir={work}/run-{count}", f"data.train_files=[{data}]",
-                 f"cache.root={work}/cache-{count}"]
+                 f"cache.root={work}/cache-{count}", *settings]
     prep = measured("prepare", overrides, f"prepare on {count} pairs")
     summary = json.loads((work / f"run-{count}" / "data" / "manifest.json").read_text())
     out = {"pairs": count, "input_bytes": size, **prep, "pairs_per_s": count / prep["seconds"],
@@ -135,15 +135,18 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--cache", action="store_true", help="also measure `ropo-ray cache` on each size")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prepare.json"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for both stages, e.g. cache.num_actors=2")
     args = parser.parse_args()
     model_dir = resolve_model(load_config(None, []))
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as work:
         for count in args.pairs:
-            runs.append(run_size(Path(work), model_dir, count, args.cache))
+            runs.append(run_size(Path(work), model_dir, count, args.cache, args.set))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "log_tail"}), flush=True)
     report = {
         "command": "python " + " ".join(sys.argv),
+        "settings": args.set,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "memory_gib": psutil.virtual_memory().total / 2**30,
                     "cpu": subprocess.run(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
