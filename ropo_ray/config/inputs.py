@@ -162,9 +162,13 @@ class CacheConfig:
     """Rows handed to an actor at once (consecutive in length order)."""
     token_budget: int = 8192
     """Tokens per reference forward: rows x longest pair in the micro-batch."""
+    sort_window_rows: int = 65536
+    """Pairs sorted by length together before scoring (the pool gets them in that order, so batches pad
+    little). The most pairs the stage holds at once, whatever the dataset's size."""
 
     def __post_init__(self) -> None:
         check(self.num_actors >= 1, "cache.num_actors", "must be >= 1")
         check(self.cpus_per_actor > 0, "cache.cpus_per_actor", "must be > 0")
         check(self.batch_rows >= 1, "cache.batch_rows", "must be >= 1")
         check(self.token_budget >= 1, "cache.token_budget", "must be >= 1")
+        check(self.sort_window_rows >= 1, "cache.sort_window_rows", "must be >= 1")

@@ -1,8 +1,11 @@
 """`ropo-ray cache`: reference log-probs computed once, by a Ray Data actor pool, into the shared cache.
 
-    prepared pairs -left-anti-join-> pairs the cache lacks -> sort by length
-      -> map_batches(RefLogpActor, concurrency=pool) with token-budget micro-batches
-      -> Parquet parts -> published into <cache_root>/<key>/ with a checked manifest
+    prepared pairs, streamed in windows of cache.sort_window_rows -> drop the pairs the cache holds
+      -> sort each window by length -> map_batches(RefLogpActor, pool) with token-budget micro-batches
+      -> Parquet parts written by the driver -> published into <cache_root>/<key>/ with a checked manifest
+
+Memory does not grow with the number of pairs: nothing is materialised, a window is the most any task holds,
+and per cached pair only its 32-character id is kept (to skip it).
 
 A verified hit performs no reference forward at all; a grown dataset computes only its new pairs;
 a cache whose files no longer match its manifest is rebuilt, never trusted. Forwards are counted
@@ -15,11 +18,14 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
 
 from ropo_ray.config.schema import Config, ModelConfig
@@ -101,10 +107,73 @@ class RefLogpActor:
         return pa.Table.from_pylist(out, schema=CACHE_SCHEMA)
 
 
-def _with_tokens(batch: pa.Table) -> pa.Table:
-    rows = batch.select(PAIR_COLUMNS).to_pylist()
-    return batch.select(PAIR_COLUMNS).append_column("pair_width", pa.array([pair_width(r) for r in rows],
-                                                                           pa.int32()))
+def _missing_windows(batch: dict[str, Any], fs: Any, known_ref: ray.ObjectRef, window_rows: int
+                     ) -> Iterator[pa.Table]:
+    """map_batches UDF: a group of prepared Parquet files (one group per input row), read a record batch at a
+    time -> the pairs the cache lacks (known_ref: the cached ids, read from the object store without a copy),
+    in windows of `window_rows` pairs (the last one shorter) each sorted by width (the longer sequence), so
+    each batch the pool gets holds pairs of about one length and pads little."""
+    known = ray.get(known_ref)
+
+    def window(tables: list[pa.Table]) -> pa.Table:
+        table = pa.concat_tables(tables)
+        widths = pc.add(pc.list_value_length(table["prompt_ids"]),
+                        pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
+                                            pc.list_value_length(table["rejected_ids"])))
+        return table.take(pc.sort_indices(widths))
+
+    for paths in batch["paths"]:
+        held: list[pa.Table] = []
+        rows = 0
+        for path in paths:
+            with fs.open_input_file(str(path)) as f:
+                for record_batch in pq.ParquetFile(f).iter_batches(batch_size=window_rows, columns=PAIR_COLUMNS):
+                    table = pa.Table.from_batches([record_batch])
+                    if known is not None and len(known):
+                        table = table.filter(pc.invert(pc.is_in(table["pair_id"], value_set=known)))
+                    while table.num_rows:
+                        take = table.slice(0, window_rows - rows)
+                        held.append(take)
+                        rows += take.num_rows
+                        table = table.slice(take.num_rows)
+                        if rows == window_rows:
+                            yield window(held)
+                            held, rows = [], 0
+        if rows:
+            yield window(held)
+
+
+def _file_groups(paths: list[str], fs: Any, rows: int) -> list[list[str]]:
+    """Consecutive files grouped so each group holds at least `rows` rows (from the Parquet footers), so
+    small files still make full windows."""
+    groups: list[list[str]] = [[]]
+    held = 0
+    for path in paths:
+        if held >= rows:
+            groups.append([])
+            held = 0
+        groups[-1].append(path)
+        with fs.open_input_file(path) as f:
+            held += pq.ParquetFile(f).metadata.num_rows
+    return groups
+
+
+def _known_ids(cache_dir: Store, manifest: dict[str, Any] | None) -> pa.Array | None:
+    """The pair_ids the cache already holds (only that column is read)."""
+    if not (manifest and manifest["parts"]):
+        return None
+    dataset = pads.dataset(part_paths(cache_dir, manifest), format="parquet", filesystem=cache_dir.fs)
+    return dataset.to_table(columns=["pair_id"])["pair_id"].combine_chunks()
+
+
+def _count_missing(prepared: pads.Dataset, known: pa.Array | None) -> int:
+    """Pairs of `prepared` not in `known`, reading only the pair_id column one record batch at a time."""
+    missing = 0
+    for batch in prepared.to_batches(columns=["pair_id"]):
+        missing += batch.num_rows
+        if known is not None:
+            missing -= pc.sum(pc.is_in(batch["pair_id"], value_set=known)).as_py() or 0
+    return missing
 
 
 def cache_dir_for(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path) -> tuple[Store, dict[str, Any]]:
@@ -124,24 +193,24 @@ def _trusted_manifest(cache_dir: Store, log: Callable[[str], None]) -> dict[str,
         return None
 
 
-def _score(missing: ray.data.Dataset, cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, counter: Any,
-           cache_dir: Store, rows_per_part: int = 200_000) -> list[Path]:
-    """Reference log-probs of the missing pairs, written as uniquely named parts in a local scratch
+def _score(inputs: list[str], fs: Any, known_ref: Any, cfg: Config, model_dir: str | Path,
+           tokenizer_dir: str | Path, counter: Any, cache_dir: Store, rows_per_part: int = 200_000) -> list[Path]:
+    """Reference log-probs of the pairs the cache lacks, written as uniquely named parts in a local scratch
     folder (beside a local cache, so publishing is a rename; in the temp folder for a remote one).
 
-    The input is sorted and materialised first and the driver consumes the actors' output, so the
-    actor pool may hold every CPU (no read, sort or write task has to wait for one).
+    The pairs stream: reading, filtering and sorting a window are zero-CPU tasks started from the driver's
+    list of files (no listing or read task that needs a CPU), so the actor pool may hold every CPU and they
+    still run; the driver consumes the actors' output, so no write task waits either.
     """
     import tempfile
-
-    import pyarrow.parquet as pq
 
     parent = Path(tempfile.gettempdir()) if cache_dir.remote else Path(cache_dir.parent().path)
     tmp = parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    # blocks of batch_rows rows, so every actor of the pool gets work (a sort can leave one big block)
-    ordered = missing.sort("pair_width").repartition(target_num_rows_per_block=cfg.cache.batch_rows).materialize()
-    scored = ordered.map_batches(
+    groups = _file_groups(inputs, fs, cfg.cache.sort_window_rows)
+    windows = ray.data.from_items([{"paths": g} for g in groups], override_num_blocks=len(groups)).map_batches(
+        _missing_windows, fn_args=(fs, known_ref, cfg.cache.sort_window_rows), batch_size=1, num_cpus=0)
+    scored = windows.map_batches(
         RefLogpActor, fn_constructor_args=(str(model_dir), str(tokenizer_dir), cfg.model, cfg.cache.token_budget,
                                            counter),
         batch_format="pyarrow", batch_size=cfg.cache.batch_rows,
@@ -176,20 +245,19 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
         total, n_missing = prepared["kept"], 0
     else:
         parts = [p.path for s in ("train", "eval") for p in prepared_dir.child(s).files(".parquet")]
-        pairs = ray.data.read_parquet(parts, filesystem=prepared_dir.fs).select_columns(PAIR_COLUMNS)
-        total = pairs.count()
-        missing = pairs
-        if manifest and manifest["parts"]:
-            known = ray.data.read_parquet(part_paths(cache_dir, manifest), filesystem=cache_dir.fs
-                                          ).select_columns(["pair_id"])
-            missing = pairs.join(known, join_type="left_anti", num_partitions=max(2, cfg.cache.num_actors * 2),
-                                 on=("pair_id",))
-        missing = missing.map_batches(_with_tokens, batch_format="pyarrow").materialize()
-        n_missing = missing.count()
-        parts = _score(missing, cfg, model_dir, tokenizer_dir, counter, cache_dir) if n_missing else []
-        manifest = publish(cache_dir, parts, fields, covered=prepared["fingerprint"])
-        if parts:
-            shutil.rmtree(parts[0].parent, ignore_errors=True)
+        known = _known_ids(cache_dir, manifest)
+        total = prepared["kept"]
+        n_missing = _count_missing(pads.dataset(parts, format="parquet", filesystem=prepared_dir.fs), known)
+        written = (_score(parts, prepared_dir.fs, ray.put(known), cfg, model_dir, tokenizer_dir, counter, cache_dir)
+                   if n_missing else [])
+        scored = sum(pq.ParquetFile(p).metadata.num_rows for p in written)
+        if scored != n_missing:  # never publish a cache that silently lacks pairs
+            for folder in {w.parent for w in written}:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise RuntimeError(f"cache: {n_missing} pairs were missing but {scored} were scored; nothing published")
+        manifest = publish(cache_dir, written, fields, covered=prepared["fingerprint"])
+        if written:
+            shutil.rmtree(written[0].parent, ignore_errors=True)
     counts = ray.get(counter.totals.remote())
     summary = {"cache_dir": cache_dir.location, "key": cache_dir.name, "pairs": total, "computed": n_missing,
                "reused": total - n_missing, "reference_forwards": counts["forwards"],

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -16,7 +17,7 @@ from ropo_ray.adapters.registry import attach_adapter
 from ropo_ray.config import load_config
 from ropo_ray.data.prepare import prepare
 from ropo_ray.data.sources import InputError
-from ropo_ray.refcache.stage import build_cache
+from ropo_ray.refcache.stage import _missing_windows, build_cache
 from ropo_ray.refcache.store import read_entries, verify
 from ropo_ray.train.logprobs import concatenated_forward
 from ropo_ray.train.model_io import load_model, load_tokenizer
@@ -244,6 +245,44 @@ def test_altered_cache_is_detected_and_rebuilt(prepared, tiny_assets, tmp_path):
     again = build_cache(cfg, tiny_assets, tiny_assets, out)
     assert again["computed"] == manifest["kept"] and again["reference_forwards"] > 0
     verify(part.parent)
+
+
+def test_the_cache_stage_streams_sorted_windows_without_the_cached_pairs(prepared, ray_local):
+    """Load: the cache stage holds one window of pairs at a time. Each window is at most
+    cache.sort_window_rows pairs, sorted by width (prompt + the longer response, worked out here from the
+    token lists), and leaves out exactly the pairs the cache already holds."""
+    _, out, manifest, _ = prepared
+    train = pads.dataset(str(out / "train")).to_table().to_pylist()
+    known = [r["pair_id"] for r in train[::3]]
+    files = [str(p) for p in sorted((out / "train").glob("*.parquet"))]
+    assert len(files) > 3  # 17 dedup buckets: windows span files
+    windows = [w.to_pylist() for w in _missing_windows(
+        {"paths": [files]}, pafs.LocalFileSystem(), ray_local.put(pa.array(known, pa.string())), 7)]
+    missing = manifest["train"] - len(known)
+    assert [len(w) for w in windows] == [7] * (missing // 7) + ([missing % 7] if missing % 7 else [])
+    for w in windows:
+        widths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in w]
+        assert widths == sorted(widths)
+    got = [r["pair_id"] for w in windows for r in w]
+    assert sorted(got) == sorted(set(r["pair_id"] for r in train) - set(known)) and len(got) == len(set(got))
+
+
+def test_a_cache_pool_holding_every_cpu_scores_what_one_actor_does(prepared, tiny_assets, tmp_path):
+    """Two actors on the session's two CPUs: reading and sorting the windows needs no CPU of its own, so the
+    stage cannot wait for one forever (a read task with a CPU did, before), and the pool's log-probs are the
+    one-actor pool's."""
+    _, out, manifest, _ = prepared
+    base = ["data.truncation=reject", "data.max_prompt_tokens=200", "data.eval_fraction=0.2",
+            "cache.sort_window_rows=16", "cache.batch_rows=4"]
+    one = build_cache(load_config(None, [*base, f"cache.root={tmp_path}/one"]), tiny_assets, tiny_assets, out)
+    two = build_cache(load_config(None, [*base, f"cache.root={tmp_path}/two", "cache.num_actors=2"]),
+                      tiny_assets, tiny_assets, out)
+    assert one["computed"] == two["computed"] == manifest["kept"]
+    a, b = ({r["pair_id"]: r for r in read_entries(x["cache_dir"]).to_pylist()} for x in (one, two))
+    assert a.keys() == b.keys() and len(a) == manifest["kept"]
+    for k in a:
+        assert abs(a[k]["ref_chosen_logps"] - b[k]["ref_chosen_logps"]) <= 1e-4
+        assert abs(a[k]["ref_rejected_logps"] - b[k]["ref_rejected_logps"]) <= 1e-4
 
 
 def test_step0_policy_matches_cache_and_dpo_loss_is_ln2(prepared, tiny_assets, tmp_path):
