@@ -14,6 +14,7 @@ by a small Ray actor, so tests and the sweep can prove how many happened.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -107,55 +108,60 @@ class RefLogpActor:
         return pa.Table.from_pylist(out, schema=CACHE_SCHEMA)
 
 
-def _missing_windows(batch: dict[str, Any], fs: Any, known_ref: ray.ObjectRef, window_rows: int
-                     ) -> Iterator[pa.Table]:
-    """map_batches UDF: a group of prepared Parquet files (one group per input row), read a record batch at a
-    time -> the pairs the cache lacks (known_ref: the cached ids, read from the object store without a copy),
-    in windows of `window_rows` pairs (the last one shorter) each sorted by width (the longer sequence), so
-    each batch the pool gets holds pairs of about one length and pads little."""
+def _missing_windows(batch: dict[str, Any], fs: Any, known_ref: ray.ObjectRef) -> Iterator[pa.Table]:
+    """map_batches UDF: one window per input row, given as {path, first row, rows} slices of prepared Parquet
+    files -> the window's pairs the cache lacks (known_ref: the cached ids, read from the object store without
+    a copy) sorted by width (the longer sequence), so each batch the pool gets holds pairs of about one length
+    and pads little. Only the row groups a slice overlaps are read."""
     known = ray.get(known_ref)
-
-    def window(tables: list[pa.Table]) -> pa.Table:
+    for slices in batch["slices"]:
+        tables = []
+        for piece in slices:
+            path, first, rows = piece["path"], int(piece["first"]), int(piece["rows"])
+            with fs.open_input_file(str(path)) as f:
+                parquet = pq.ParquetFile(f)
+                offset = 0
+                for group in range(parquet.num_row_groups):
+                    size = parquet.metadata.row_group(group).num_rows
+                    lo, hi = max(first, offset), min(first + rows, offset + size)
+                    if lo < hi:
+                        table = parquet.read_row_group(group, columns=PAIR_COLUMNS)
+                        tables.append(table.slice(lo - offset, hi - lo))
+                    offset += size
         table = pa.concat_tables(tables)
+        if known is not None and len(known):
+            table = table.filter(pc.invert(pc.is_in(table["pair_id"], value_set=known)))
         widths = pc.add(pc.list_value_length(table["prompt_ids"]),
                         pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
                                             pc.list_value_length(table["rejected_ids"])))
-        return table.take(pc.sort_indices(widths))
-
-    for paths in batch["paths"]:
-        held: list[pa.Table] = []
-        rows = 0
-        for path in paths:
-            with fs.open_input_file(str(path)) as f:
-                for record_batch in pq.ParquetFile(f).iter_batches(batch_size=window_rows, columns=PAIR_COLUMNS):
-                    table = pa.Table.from_batches([record_batch])
-                    if known is not None and len(known):
-                        table = table.filter(pc.invert(pc.is_in(table["pair_id"], value_set=known)))
-                    while table.num_rows:
-                        take = table.slice(0, window_rows - rows)
-                        held.append(take)
-                        rows += take.num_rows
-                        table = table.slice(take.num_rows)
-                        if rows == window_rows:
-                            yield window(held)
-                            held, rows = [], 0
-        if rows:
-            yield window(held)
+        yield table.take(pc.sort_indices(widths))
 
 
-def _file_groups(paths: list[str], fs: Any, rows: int) -> list[list[str]]:
-    """Consecutive files grouped so each group holds at least `rows` rows (from the Parquet footers), so
-    small files still make full windows."""
-    groups: list[list[str]] = [[]]
+def plan_windows(file_rows: list[tuple[str, int]], window_rows: int) -> list[list[dict[str, Any]]]:
+    """Consecutive windows of `window_rows` rows (the last one shorter) over files given with their row
+    counts, each as slices {path, first row, rows}: a window may span files and a file many windows."""
+    windows: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
     held = 0
-    for path in paths:
-        if held >= rows:
-            groups.append([])
-            held = 0
-        groups[-1].append(path)
-        with fs.open_input_file(path) as f:
-            held += pq.ParquetFile(f).metadata.num_rows
-    return groups
+    for path, rows in file_rows:
+        start = 0
+        while start < rows:
+            take = min(rows - start, window_rows - held)
+            current.append({"path": path, "first": start, "rows": take})
+            held, start = held + take, start + take
+            if held == window_rows:
+                windows.append(current)
+                current, held = [], 0
+    if current:
+        windows.append(current)
+    return windows
+
+
+def window_rows(total: int, cfg: Config) -> int:
+    """cache.sort_window_rows, or fewer when the data is small: at least two windows per actor, so every
+    actor of the pool gets work (a window reaches the pool as one block, and a block goes to one actor)."""
+    per_actor = math.ceil(total / (2 * cfg.cache.num_actors))
+    return max(1, min(cfg.cache.sort_window_rows, max(cfg.cache.batch_rows, per_actor)))
 
 
 def _known_ids(cache_dir: Store, manifest: dict[str, Any] | None) -> pa.Array | None:
@@ -199,7 +205,7 @@ def _score(inputs: list[str], fs: Any, known_ref: Any, cfg: Config, model_dir: s
     folder (beside a local cache, so publishing is a rename; in the temp folder for a remote one).
 
     The pairs stream: reading, filtering and sorting a window are zero-CPU tasks started from the driver's
-    list of files (no listing or read task that needs a CPU), so the actor pool may hold every CPU and they
+    plan of windows (no listing or read task that needs a CPU), so the actor pool may hold every CPU and they
     still run; the driver consumes the actors' output, so no write task waits either.
     """
     import tempfile
@@ -207,9 +213,13 @@ def _score(inputs: list[str], fs: Any, known_ref: Any, cfg: Config, model_dir: s
     parent = Path(tempfile.gettempdir()) if cache_dir.remote else Path(cache_dir.parent().path)
     tmp = parent / f".{cache_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    groups = _file_groups(inputs, fs, cfg.cache.sort_window_rows)
-    windows = ray.data.from_items([{"paths": g} for g in groups], override_num_blocks=len(groups)).map_batches(
-        _missing_windows, fn_args=(fs, known_ref, cfg.cache.sort_window_rows), batch_size=1, num_cpus=0)
+    file_rows = []
+    for path in inputs:
+        with fs.open_input_file(path) as f:
+            file_rows.append((path, pq.ParquetFile(f).metadata.num_rows))
+    plan = plan_windows(file_rows, window_rows(sum(n for _, n in file_rows), cfg))
+    windows = ray.data.from_items([{"slices": w} for w in plan], override_num_blocks=len(plan)).map_batches(
+        _missing_windows, fn_args=(fs, known_ref), batch_size=1, num_cpus=0)
     scored = windows.map_batches(
         RefLogpActor, fn_constructor_args=(str(model_dir), str(tokenizer_dir), cfg.model, cfg.cache.token_budget,
                                            counter),

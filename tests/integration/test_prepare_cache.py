@@ -17,7 +17,7 @@ from ropo_ray.adapters.registry import attach_adapter
 from ropo_ray.config import load_config
 from ropo_ray.data.prepare import prepare
 from ropo_ray.data.sources import InputError
-from ropo_ray.refcache.stage import _missing_windows, build_cache
+from ropo_ray.refcache.stage import _missing_windows, build_cache, plan_windows, window_rows
 from ropo_ray.refcache.store import read_entries, verify
 from ropo_ray.train.logprobs import concatenated_forward
 from ropo_ray.train.model_io import load_model, load_tokenizer
@@ -248,23 +248,35 @@ def test_altered_cache_is_detected_and_rebuilt(prepared, tiny_assets, tmp_path):
 
 
 def test_the_cache_stage_streams_sorted_windows_without_the_cached_pairs(prepared, ray_local):
-    """Load: the cache stage holds one window of pairs at a time. Each window is at most
-    cache.sort_window_rows pairs, sorted by width (prompt + the longer response, worked out here from the
-    token lists), and leaves out exactly the pairs the cache already holds."""
+    """Load: the cache stage holds one window of pairs at a time. The windows cover every prepared row once,
+    each at most 7 rows here (cache.sort_window_rows), spanning files (17 dedup buckets make small ones);
+    each window is sorted by width (prompt + the longer response, worked out here from the token lists) and
+    leaves out exactly the pairs the cache already holds."""
     _, out, manifest, _ = prepared
     train = pads.dataset(str(out / "train")).to_table().to_pylist()
     known = [r["pair_id"] for r in train[::3]]
-    files = [str(p) for p in sorted((out / "train").glob("*.parquet"))]
-    assert len(files) > 3  # 17 dedup buckets: windows span files
+    files = [(str(p), pq.ParquetFile(p).metadata.num_rows) for p in sorted((out / "train").glob("*.parquet"))]
+    assert len(files) > 3 and sum(n for _, n in files) == manifest["train"]
+    plan = plan_windows(files, 7)
+    assert [sum(s["rows"] for s in w) for w in plan] == [7] * (manifest["train"] // 7) + (
+        [manifest["train"] % 7] if manifest["train"] % 7 else [])
+    assert any(len(w) > 1 for w in plan)  # a window spanning files
     windows = [w.to_pylist() for w in _missing_windows(
-        {"paths": [files]}, pafs.LocalFileSystem(), ray_local.put(pa.array(known, pa.string())), 7)]
-    missing = manifest["train"] - len(known)
-    assert [len(w) for w in windows] == [7] * (missing // 7) + ([missing % 7] if missing % 7 else [])
+        {"slices": plan}, pafs.LocalFileSystem(), ray_local.put(pa.array(known, pa.string())))]
+    assert len(windows) == len(plan) and all(len(w) <= 7 for w in windows)
     for w in windows:
         widths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in w]
         assert widths == sorted(widths)
     got = [r["pair_id"] for w in windows for r in w]
     assert sorted(got) == sorted(set(r["pair_id"] for r in train) - set(known)) and len(got) == len(set(got))
+
+
+def test_small_data_still_gives_every_actor_windows():
+    """A window reaches the pool as one block, and a block goes to one actor: the window shrinks so there
+    are at least two per actor, never below cache.batch_rows, never above cache.sort_window_rows."""
+    cfg = load_config(None, ["cache.num_actors=4", "cache.batch_rows=16", "cache.sort_window_rows=1000"])
+    assert window_rows(800, cfg) == 100 and len(plan_windows([("a", 500), ("b", 300)], 100)) == 8
+    assert window_rows(50, cfg) == 16 and window_rows(100_000, cfg) == 1000
 
 
 def test_a_cache_pool_holding_every_cpu_scores_what_one_actor_does(prepared, tiny_assets, tmp_path):
