@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from ropo_ray.config.schema import Config, DataConfig, ModelConfig
+from ropo_ray.data.blocks import max_block_bytes
 from ropo_ray.data.rows import RAW_SCHEMA, ROW_SCHEMA, iter_raw_rows, prepare_row, rejected_row
 from ropo_ray.data.sources import InputFile, filesystem_of, inputs_fingerprint, resolve_inputs
 from ropo_ray.fingerprint import hash_json, tokenizer_fingerprint
@@ -193,7 +194,6 @@ def _prepare_into(tmp: Store, inputs: list[InputFile], cfg: Config, tokenizer_pa
 def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path | Store, files: tuple[str, ...] | None = None,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or skip, when the published fingerprint matches) the preparation; returns the manifest."""
-    import ray
 
     from ropo_ray.train.model_io import load_tokenizer
 
@@ -207,12 +207,8 @@ def prepare(cfg: Config, tokenizer_path: str, out_dir: str | Path | Store, files
         return existing
     t0 = time.perf_counter()
     tmp = out.scratch()
-    context = ray.data.DataContext.get_current()
-    block_bytes, context.target_max_block_size = context.target_max_block_size, BLOCK_BYTES
-    try:
+    with max_block_bytes(BLOCK_BYTES):
         buckets, largest = _prepare_into(tmp, inputs, cfg, tokenizer_path)
-    finally:
-        context.target_max_block_size = block_bytes
     for split, sources in (("train", ["dedup-train/split=train"]), ("eval", ["dedup-eval/split=eval"]),
                            ("rejects", ["stage/split=rejected", "dedup-train/split=rejected",
                                         "dedup-eval/split=rejected"])):

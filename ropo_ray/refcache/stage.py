@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ropo_ray.config.schema import Config, ModelConfig
+from ropo_ray.data.blocks import max_block_bytes
 from ropo_ray.refcache.compute import pair_width, reference_logps
 from ropo_ray.refcache.store import (
     CACHE_SCHEMA,
@@ -43,6 +44,10 @@ from ropo_ray.refcache.store import (
 from ropo_ray.storage import Store, store
 
 PAIR_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
+# Ray Data's largest block in this stage (its default is 128 MiB). An actor of the pool is handed whole blocks
+# and holds them while it scores them batch by batch: with a window as one block, two actors grew to about
+# 1 GiB each on 100K pairs (356 and 331 MiB with 1 MiB blocks).
+BLOCK_BYTES = 1 << 20
 
 
 @ray.remote(num_cpus=0)
@@ -218,23 +223,24 @@ def _score(inputs: list[str], fs: Any, known_ref: Any, cfg: Config, model_dir: s
         with fs.open_input_file(path) as f:
             file_rows.append((path, pq.ParquetFile(f).metadata.num_rows))
     plan = plan_windows(file_rows, window_rows(sum(n for _, n in file_rows), cfg))
-    windows = ray.data.from_items([{"slices": w} for w in plan], override_num_blocks=len(plan)).map_batches(
-        _missing_windows, fn_args=(fs, known_ref), batch_size=1, num_cpus=0)
-    scored = windows.map_batches(
-        RefLogpActor, fn_constructor_args=(str(model_dir), str(tokenizer_dir), cfg.model, cfg.cache.token_budget,
-                                           counter),
-        batch_format="pyarrow", batch_size=cfg.cache.batch_rows,
-        compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors), num_cpus=cfg.cache.cpus_per_actor)
-    parts: list[Path] = []
-    writer, written = None, 0
-    for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if writer is None or written >= rows_per_part:
-            if writer is not None:
-                writer.close()
-            parts.append(tmp / f"part-{uuid.uuid4().hex}.parquet")
-            writer, written = pq.ParquetWriter(str(parts[-1]), CACHE_SCHEMA), 0
-        writer.write_table(table.cast(CACHE_SCHEMA))
-        written += table.num_rows
+    with max_block_bytes(BLOCK_BYTES):  # set before the datasets are built: each keeps the context it was built in
+        windows = ray.data.from_items([{"slices": w} for w in plan], override_num_blocks=len(plan)).map_batches(
+            _missing_windows, fn_args=(fs, known_ref), batch_size=1, num_cpus=0)
+        scored = windows.map_batches(
+            RefLogpActor, fn_constructor_args=(str(model_dir), str(tokenizer_dir), cfg.model, cfg.cache.token_budget,
+                                               counter),
+            batch_format="pyarrow", batch_size=cfg.cache.batch_rows,
+            compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors), num_cpus=cfg.cache.cpus_per_actor)
+        parts: list[Path] = []
+        writer, written = None, 0
+        for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if writer is None or written >= rows_per_part:
+                if writer is not None:
+                    writer.close()
+                parts.append(tmp / f"part-{uuid.uuid4().hex}.parquet")
+                writer, written = pq.ParquetWriter(str(parts[-1]), CACHE_SCHEMA), 0
+            writer.write_table(table.cast(CACHE_SCHEMA))
+            written += table.num_rows
     if writer is not None:
         writer.close()
     return parts

@@ -316,3 +316,16 @@ def test_step0_policy_matches_cache_and_dpo_loss_is_ln2(prepared, tiny_assets, t
         assert abs(out_logps["rejected_logps"][i].item() - row["ref_rejected_logps"]) <= 1e-5
     metrics = evaluate_pairs(model, joined, pad_id, cfg.loss)
     assert abs(metrics["eval/loss"] - math.log(2)) <= 1e-5
+
+
+def test_the_block_cap_holds_inside_its_stage_only(ray_local):
+    """prepare and the cache stage cap Ray Data's blocks while they run; the cap never leaks out, even when the
+    stage fails."""
+    from ropo_ray.data.blocks import max_block_bytes
+
+    context = ray_local.data.DataContext.get_current()
+    before = context.target_max_block_size
+    with pytest.raises(RuntimeError, match="stage failed"), max_block_bytes(1 << 20):
+        assert ray_local.data.DataContext.get_current().target_max_block_size == 1 << 20 != before
+        raise RuntimeError("stage failed")
+    assert context.target_max_block_size == before
