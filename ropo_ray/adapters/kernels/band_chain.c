@@ -17,7 +17,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define VL 16 /* floats per vector: one AVX-512 register, two AVX2 ones; GCC lowers it to what the target has */
+/* Floats per vector: one register of the widest vector unit the target has. A vector type wider than the
+ * target's registers is legal C, but GCC then moves it through the stack: on an AVX2-only Zen 3, 16-float
+ * vectors made the forward 2.4x and the backward 4.2x slower than 8-float ones (BENCHMARKS.md). */
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4 /* SSE, NEON */
+#endif
 #define TA 4  /* rows per forward block: each coefficient vector is loaded once for TA rows */
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
