@@ -85,6 +85,8 @@ def library() -> ctypes.CDLL:
     lib.chain_forward.restype = None
     lib.chain_backward.argtypes = [ptr, i32, ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, i32, i64, i64, i32]
     lib.chain_backward.restype = None
+    lib.scale_backward.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, i32, ptr, i64, i64, i32]
+    lib.scale_backward.restype = None
     return lib
 
 

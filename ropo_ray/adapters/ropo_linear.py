@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from ropo_ray.adapters import native
+from ropo_ray.adapters.fused import rotated_linear
 from ropo_ray.adapters.rotation import (
     BandLayout,
     FactorLayout,
     Mixing,
     apply_rotation,
     apply_rotation_banded,
+    band_coefficients,
     band_layout,
     factor_blocks,
     factor_layouts,
@@ -63,6 +65,7 @@ class RoPOLinear(nn.Module):
         self.register_buffer("row_norms", norms, persistent=False)
         self.magnitude = nn.Parameter(norms.clone(), requires_grad=learn_magnitude)
         self.disabled = False  # True: compute the frozen base alone (the reference policy; see train/probe.py)
+        self.fuse = True  # False: the composed ops even where fused.py applies (for tests and benchmarks)
         self.rotation = nn.ParameterList(
             nn.Parameter(torch.zeros(lay.num_blocks, num_skew_params(lay.block_size), device=weight.device))
             for lay in self._layouts
@@ -121,7 +124,12 @@ class RoPOLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.base(x)
-        if self._bands is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        banded = self._bands is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        if banded and self._fusable(x):
+            coefs = [band_coefficients(q, band) for q, band in zip(self.blocks(), self._bands)]
+            return rotated_linear(x, self.base.weight, self.base.bias, self.magnitude, self.row_norms, coefs,
+                                  self._bands)  # one pass fewer over the output each way (fused.py)
+        if banded:
             x_rot = apply_rotation_banded(x, self.blocks(), self._bands)  # [..., d] = x @ R
         else:
             x_rot = apply_rotation(x, self.blocks(), self.layouts(x.device))
@@ -131,6 +139,14 @@ class RoPOLinear(nn.Module):
         if self.base.bias is None:
             return y * s
         return y * s + (1 - s) * self.base.bias  # = s * (W R^T x) + b
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """The fused CPU function applies: `fuse` is on, the weight is a plain CPU tensor of x's dtype (a
+        ZeRO-3 partition is gathered only when the base module is called), and no scale is zero (the
+        backward divides by it)."""
+        weight = self.base.weight
+        return (self.fuse and not hasattr(weight, "ds_id") and weight.device.type == "cpu"
+                and weight.dtype == x.dtype and bool((self.magnitude != 0).all()))
 
     def merged_weight(self) -> torch.Tensor:
         """W' = diag(m / c) W R^T in the base weight's dtype."""

@@ -252,43 +252,62 @@ def band_coefficients(blocks: torch.Tensor, band: BandLayout) -> torch.Tensor:
     return blocks.float().reshape(-1)[band.index.to(blocks.device)] * band.mask.to(blocks.device)
 
 
+def _flag(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.bfloat16)
+
+
+def pack_coefficients(coefs: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """Every factor's band coefficients, concatenated in factor order (the kernel's layout)."""
+    return torch.cat([c.reshape(-1) for c in coefs]).contiguous()
+
+
+def band_widths(bands: tuple[BandLayout, ...]) -> ctypes.Array:
+    return (ctypes.c_int * len(bands))(*[band.width for band in bands])
+
+
+def band_chain_forward(rows: torch.Tensor, packed: torch.Tensor, widths: ctypes.Array) -> torch.Tensor:
+    """rows [T, d] (contiguous, float32 or bfloat16) @ R by the native kernel, in rows' dtype."""
+    from ropo_ray.adapters.native import library
+
+    out = torch.empty_like(rows)
+    library().chain_forward(rows.data_ptr(), _flag(rows), out.data_ptr(), _flag(out), packed.data_ptr(), widths,
+                            len(widths), rows.shape[0], rows.shape[1], torch.get_num_threads())
+    return out
+
+
+def band_chain_backward(rows: torch.Tensor, packed: torch.Tensor, grad: torch.Tensor, bands: tuple[BandLayout, ...],
+                        widths: ctypes.Array) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gradients of `band_chain_forward` for rows and for every factor's band coefficients [2w + 1, d]."""
+    from ropo_ray.adapters.native import library
+
+    d = rows.shape[-1]
+    g = grad.reshape(-1, d).contiguous()
+    sizes = [(2 * band.width + 1) * d for band in bands]
+    transposed = torch.cat([c[band.transpose_index.reshape(-1)] for c, band in zip(packed.split(sizes), bands)])
+    grad_x = torch.empty_like(rows)
+    grad_coef = torch.empty_like(packed)
+    library().chain_backward(rows.data_ptr(), _flag(rows), g.data_ptr(), _flag(g), grad_x.data_ptr(), _flag(grad_x),
+                             packed.data_ptr(), transposed.contiguous().data_ptr(), grad_coef.data_ptr(), widths,
+                             len(bands), rows.shape[0], d, torch.get_num_threads())
+    return grad_x, [gc.reshape(2 * band.width + 1, d) for gc, band in zip(grad_coef.split(sizes), bands)]
+
+
 class _BandChain(torch.autograd.Function):
     """x @ R_(b1) ... R_(bK) by the native kernel; gradients for x and every factor's band coefficients."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bands: tuple[BandLayout, ...], *coefs: torch.Tensor) -> torch.Tensor:
-        from ropo_ray.adapters.native import library
-
-        d = x.shape[-1]
-        rows = x.reshape(-1, d).contiguous()
-        packed = torch.cat([c.reshape(-1) for c in coefs]).contiguous()
-        widths = (ctypes.c_int * len(bands))(*[band.width for band in bands])
-        out = torch.empty_like(rows)
-        library().chain_forward(rows.data_ptr(), int(rows.dtype == torch.bfloat16), out.data_ptr(),
-                                int(out.dtype == torch.bfloat16), packed.data_ptr(), widths, len(bands),
-                                rows.shape[0], d, torch.get_num_threads())
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        packed, widths = pack_coefficients(coefs), band_widths(bands)
+        out = band_chain_forward(rows, packed, widths)
         ctx.save_for_backward(rows, packed)
         ctx.bands, ctx.widths, ctx.shape = bands, widths, x.shape
         return out.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        from ropo_ray.adapters.native import library
-
         rows, packed = ctx.saved_tensors
-        bands, d = ctx.bands, rows.shape[-1]
-        g = grad.reshape(-1, d).contiguous()
-        sizes = [(2 * band.width + 1) * d for band in bands]
-        transposed = torch.cat([c[band.transpose_index.reshape(-1)] for c, band in zip(packed.split(sizes), bands)])
-        widths = ctx.widths
-        grad_x = torch.empty_like(rows)
-        grad_coef = torch.empty_like(packed)
-        library().chain_backward(rows.data_ptr(), int(rows.dtype == torch.bfloat16), g.data_ptr(),
-                                 int(g.dtype == torch.bfloat16), grad_x.data_ptr(),
-                                 int(grad_x.dtype == torch.bfloat16), packed.data_ptr(),
-                                 transposed.contiguous().data_ptr(), grad_coef.data_ptr(), widths, len(bands),
-                                 rows.shape[0], d, torch.get_num_threads())
-        grads = [gc.reshape(2 * band.width + 1, d) for gc, band in zip(grad_coef.split(sizes), bands)]
+        grad_x, grads = band_chain_backward(rows, packed, grad, ctx.bands, ctx.widths)
         return (grad_x.reshape(ctx.shape), None, *grads)
 
 

@@ -172,3 +172,113 @@ def test_library_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
         assert built[0].stat().st_mtime_ns == stamp
     finally:
         native.library.cache_clear()
+
+
+def dense_rotation64(params, layouts, dim):
+    dense = torch.eye(dim, dtype=torch.float64)
+    for p, lay in zip(params, layouts):
+        skew = rot.skew_from_params(p * (1 if lay.mask is None else lay.mask.double()), lay.block_size)
+        eye = torch.eye(lay.block_size, dtype=torch.float64)
+        dense = dense @ dense_factor(torch.linalg.solve(eye + skew, eye - skew), lay, dim)
+    return dense
+
+
+def adapted_layer(dim, out, bias, block_sizes=(2, 4, 8), seed=0):
+    """A RoPOLinear with random rotation parameters and magnitudes away from their initial c."""
+    torch.manual_seed(seed)
+    layer = RoPOLinear(nn.Linear(dim, out, bias=bias), block_sizes, "shift", kernel="native")
+    with torch.no_grad():
+        for p in layer.rotation:
+            p.normal_(0, 0.4)
+        layer.magnitude.mul_(0.5 + torch.rand(out))
+        if bias:
+            layer.base.bias.normal_()
+    return layer
+
+
+def layer_against_dense64(layer, x, weights):
+    """(values, [grad x, grad m, grad of each factor's parameters]) of the layer and of the dense float64
+    formula y = (m / c) * (W R^T x) + b, R assembled from its definition, c the row norms of W."""
+    y = layer(x)
+    (y * weights).sum().backward()
+    got = [x.grad.clone(), layer.magnitude.grad.clone(), *(p.grad.clone() for p in layer.rotation)]
+    w64 = layer.base.weight.detach().double()
+    x64 = x.detach().double().requires_grad_()
+    m64 = layer.magnitude.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() for p in layer.rotation]
+    y64 = (x64 @ dense_rotation64(p64, layer._layouts, layer.in_features)) @ w64.T * (m64 / w64.norm(dim=1))
+    if layer.base.bias is not None:
+        y64 = y64 + layer.base.bias.detach().double()
+    (y64 * weights.double()).sum().backward()
+    return (y, got), (y64, [x64.grad, m64.grad, *(p.grad for p in p64)])
+
+
+@pytest.mark.parametrize(("dim", "out", "bias", "rows"), [(64, 24, False, 8), (37, 29, True, 7), (40, 9, False, 3)])
+def test_fused_layer_value_and_gradients_match_dense_float64(dim, out, bias, rows):
+    """The fused CPU layer (fused.py: band kernel, matmul, in-place scale, one-pass scale backward) against
+    float64 autograd on the dense formula; the tails of the scale pass's vector loop are covered (out % 8)."""
+    layer = adapted_layer(dim, out, bias)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, rows, dim, generator=gen, requires_grad=True)
+    weights = torch.randn(2, rows, out, generator=gen)
+    (y, got), (y64, want) = layer_against_dense64(layer, x, weights)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_RotatedLinearBackward"
+    assert torch.allclose(y.double(), y64, atol=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+
+
+def test_a_zero_magnitude_takes_the_composed_path_and_its_gradient_is_right():
+    """The fused backward divides by s = m / c, so a zero m must use the composed ops, whose gradient for that
+    m is still sum_t g * u (nonzero), not a 0/0."""
+    layer = adapted_layer(32, 8, bias=True)
+    with torch.no_grad():
+        layer.magnitude[3] = 0.0
+    x = torch.randn(5, 32, requires_grad=True)
+    weights = torch.randn(5, 8)
+    (y, got), (y64, want) = layer_against_dense64(layer, x, weights)
+    assert type(y.grad_fn).__name__ != "_RotatedLinearBackward"
+    assert want[1][3].abs() > 1e-3 and torch.isfinite(got[1]).all()
+    for g, w in zip(got, want):
+        assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+
+
+def test_fused_layer_in_bfloat16_stays_within_bf16_rounding():
+    """bf16 weights and activations (DeepSpeed's bf16 mode): values and gradients within a few bf16 steps of
+    the float64 formula on the same (bf16-rounded) inputs."""
+    layer = adapted_layer(64, 40, bias=False).bfloat16()
+    x = torch.randn(6, 64).bfloat16().requires_grad_()
+    weights = torch.randn(6, 40).bfloat16()
+    (y, got), (y64, want) = layer_against_dense64(layer, x, weights)
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ == "_RotatedLinearBackward"
+    assert ((y.double() - y64).abs() <= 2 ** -6 * y64.abs().max()).all()
+    for g, w in zip(got, want):
+        assert ((g.double() - w).abs() <= 2 ** -5 * w.abs().max()).all()
+
+
+def test_changing_the_fused_output_in_place_fails_loudly():
+    """The fused layer keeps its output for the backward: a model that edits it in place must get autograd's
+    error at that edit, not a wrong magnitude gradient."""
+    layer = adapted_layer(32, 8, bias=False)
+    y = layer(torch.randn(4, 32, requires_grad=True))
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        y.mul_(2.0)
+
+
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_kernel_built_for_other_vector_widths_matches_dense(march, tmp_path, monkeypatch):
+    """The kernel's vector width follows the target (4 floats for SSE, 8 for AVX2, 16 for AVX-512): built for
+    SSE-only and AVX2 x86-64 it still matches the float64 formula (and the fused layer does too)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 -march levels")
+    monkeypatch.setenv("ROPO_RAY_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("ROPO_RAY_KERNEL_MARCH", march)
+    native.library.cache_clear()
+    try:
+        test_kernel_value_and_gradients_match_dense_float64(37, (2, 4, 8), "shift", 7)
+        test_fused_layer_value_and_gradients_match_dense_float64(37, 29, True, 7)
+        assert len(list(tmp_path.glob("band_chain-*.so"))) == 1
+    finally:
+        native.library.cache_clear()

@@ -213,3 +213,51 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
         free(acc);
     }
 }
+
+/* Backward of the RoPO layer's output scale, out = s * u + b over rows [rows, n] (ropo_ray/adapters/fused.py):
+ * gu = g * s (the gradient at the frozen matmul's output) and gs[i] = sum_t g[t, i] * u[t, i] (the gradient
+ * of s), with u recovered from the saved output as (out - b) / s (every s[i] nonzero; b may be NULL).
+ * One pass reads g and out once and writes gu once; composed from tensor ops this is three passes and two
+ * fresh [rows, n] buffers. */
+void scale_backward(const void *g, int g_bf16, const void *out, int out_bf16, const float *s, const float *b,
+                    void *gu, int gu_bf16, float *gs, int64_t rows, int64_t n, int threads) {
+    float *sum_gy = (float *)calloc((size_t)n, sizeof(float));
+    float *sum_g = (float *)calloc((size_t)n, sizeof(float));
+#pragma omp parallel num_threads(threads)
+    {
+        float *gr = (float *)malloc((size_t)n * sizeof(float));
+        float *yr = (float *)malloc((size_t)n * sizeof(float));
+        float *acc_gy = (float *)calloc((size_t)n, sizeof(float));
+        float *acc_g = (float *)calloc((size_t)n, sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < rows; t++) {
+            load_row(g, g_bf16, t, n, gr);
+            load_row(out, out_bf16, t, n, yr);
+            int64_t i = 0;
+            for (; i + VL <= n; i += VL) {
+                vf gv = ldu(gr + i);
+                stu(acc_gy + i, ldu(acc_gy + i) + gv * ldu(yr + i));
+                stu(acc_g + i, ldu(acc_g + i) + gv);
+                stu(gr + i, gv * ldu(s + i));
+            }
+            for (; i < n; i++) {
+                acc_gy[i] += gr[i] * yr[i];
+                acc_g[i] += gr[i];
+                gr[i] *= s[i];
+            }
+            store_row(gu, gu_bf16, t, n, gr);
+        }
+#pragma omp critical
+        for (int64_t i = 0; i < n; i++) {
+            sum_gy[i] += acc_gy[i];
+            sum_g[i] += acc_g[i];
+        }
+        free(gr);
+        free(yr);
+        free(acc_gy);
+        free(acc_g);
+    }
+    for (int64_t i = 0; i < n; i++) gs[i] = (sum_gy[i] - (b ? b[i] * sum_g[i] : 0.f)) / s[i];
+    free(sum_gy);
+    free(sum_g);
+}
