@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -55,23 +56,91 @@ def attention_implementation(cfg: ModelConfig, bf16: bool, gpu: bool) -> str | N
 
 
 def load_model(path: str | Path, cfg: ModelConfig, *, bf16: bool = False, gpu: bool = False) -> nn.Module:
-    """A causal LM from a checked folder, in the configured dtype, in eval mode.
+    """A causal LM from a checked folder, in eval mode.
 
-    `bf16`: the caller computes in bf16 (train.precision=bf16) even if the weights load in fp32; with
-    `gpu` it picks the attention kernel (`attention_implementation`).
+    `bf16`: the caller computes in bf16 (train.precision=bf16): the weights load straight in bf16, which is
+    what DeepSpeed's bf16 mode casts them to anyway, instead of in `model.dtype` and then cast (the fp32 copy
+    set the worker's peak memory); with `gpu` it picks the attention kernel (`attention_implementation`).
+    Safetensors folders whose tensors match the model's own parameters are read tensor by tensor
+    (`stream_safetensors`); anything else goes through transformers' loader.
     """
     from transformers import AutoModelForCausalLM
 
     folder = check_model_folder(path, cfg)
     attention = attention_implementation(cfg, bf16 or cfg.dtype == "bfloat16", gpu)
-    # use_safetensors=True makes transformers refuse pickle files; when they are allowed, weights_only
-    # keeps torch.load to tensors (a pickle that would run code is refused, never executed).
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=not cfg.allow_pickle_weights or None, weights_only=True,
-        **({"attn_implementation": attention} if attention else {}),
-    )
+    dtype = torch.bfloat16 if bf16 else DTYPES[cfg.dtype]
+    model = stream_safetensors(folder, cfg, dtype, attention)
+    if model is None:
+        # use_safetensors=True makes transformers refuse pickle files; when they are allowed, weights_only
+        # keeps torch.load to tensors (a pickle that would run code is refused, never executed).
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=not cfg.allow_pickle_weights or None, weights_only=True,
+            **({"attn_implementation": attention} if attention else {}),
+        )
     return model.eval()
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def safetensors_header(file: Path) -> dict[str, dict]:
+    """Name -> {dtype, shape, data_offsets} of a safetensors file (the format's JSON header), metadata dropped;
+    offsets made absolute."""
+    with file.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    for entry in header.values():
+        start, end = entry["data_offsets"]
+        entry["data_offsets"] = (8 + size + start, 8 + size + end)
+    return header
+
+
+def stream_safetensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype, attention: str | None) -> nn.Module | None:
+    """The model built empty in `dtype`, its tensors read from the folder's safetensors one at a time.
+
+    transformers' loader maps the files and converts from them, so its peak holds the checkpoint's pages
+    beside the model (an fp32 checkpoint loaded into bf16 peaks at about 1.5x the fp32 size). Reading each
+    tensor with a plain read into one reused buffer holds the model plus its largest tensor. Returns None,
+    to leave the folder to transformers, when its tensors are not exactly the model's parameters and
+    persistent buffers (names, shapes and supported dtypes; tied weights may be stored once), e.g. a
+    checkpoint that transformers renames or converts while loading.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    headers = {file: safetensors_header(file) for file in sorted(folder.glob("*.safetensors"))}
+    stored = {name: (file, entry) for file, header in headers.items() for name, entry in header.items()}
+    if not stored or any(entry["dtype"] not in SAFETENSORS_DTYPES for _, entry in stored.values()):
+        return None
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.trust_remote_code)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                 **({"attn_implementation": attention} if attention else {}))
+    model.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties them
+    targets = model.state_dict(keep_vars=True)
+    loaded = {targets[name].data_ptr() for name in stored if name in targets}
+    if (set(stored) - set(targets) or any(tuple(targets[k].shape) != tuple(e["shape"]) for k, (_, e) in stored.items())
+            or any(t.data_ptr() not in loaded for k, t in targets.items() if k not in stored)):
+        return None
+    largest = max(end - start for _, entry in stored.values() for start, end in [entry["data_offsets"]])
+    buffer = torch.empty(largest, dtype=torch.uint8)
+    with torch.no_grad():
+        for file, header in headers.items():
+            with file.open("rb", buffering=0) as f:
+                for name, entry in header.items():
+                    start, end = entry["data_offsets"]
+                    chunk = buffer[:end - start]
+                    f.seek(start)
+                    if f.readinto(memoryview(chunk.numpy())) != end - start:
+                        raise ValueError(f"{file}: tensor {name} is cut short (the file is truncated)")
+                    source = chunk.view(SAFETENSORS_DTYPES[entry["dtype"]]).view(entry["shape"])
+                    targets[name].data.copy_(source)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.config._name_or_path = str(folder)
+    return model
 
 
 def save_model_folder(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:

@@ -219,3 +219,74 @@ def test_eager_and_sdpa_attention_compute_the_same_logits(model_folder):
     with torch.no_grad():
         a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (eager, sdpa))
     torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def _transformers_load(folder: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+
+
+@pytest.mark.parametrize(("tied", "shard"), [(False, None), (True, None), (False, "60KB")])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_streamed_weights_equal_transformers_loader(tmp_path, tied, shard, bf16):
+    """load_model reads safetensors tensor by tensor (stream_safetensors): every parameter and buffer is the
+    one transformers' own loader gives, bit for bit, in fp32 and straight into bf16; tied embeddings stay one
+    tensor; a checkpoint sharded over several files (with its index) loads whole."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ropo_ray.train.model_io import stream_safetensors
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    folder = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(str(folder), **({"max_shard_size": shard} if shard else {}))
+    files = len(list(folder.glob("*.safetensors")))
+    assert files == 1 if shard is None else files > 1
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    streamed = stream_safetensors(folder, SAFE, dtype, None)
+    assert streamed is not None
+    reference = _transformers_load(folder, dtype)
+    ours, theirs = streamed.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == dtype and torch.equal(ours[name], tensor), name
+    assert dict(streamed.named_buffers()).keys() == dict(reference.named_buffers()).keys()
+    for name, buf in reference.named_buffers():
+        assert torch.equal(dict(streamed.named_buffers())[name], buf), name
+    same = streamed.lm_head.weight.data_ptr() == streamed.model.embed_tokens.weight.data_ptr()
+    assert same == tied
+    ids = torch.tensor([[3, 9, 27, 81, 5]])
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, reference(ids).logits)
+    loaded = load_model(folder, SAFE, bf16=bf16).state_dict()  # the path load_model takes
+    assert all(loaded[k].dtype == dtype and torch.equal(loaded[k], v) for k, v in theirs.items())
+
+
+def test_a_checkpoint_that_is_not_the_models_parameters_is_left_to_transformers(model_folder, tmp_path):
+    """An extra tensor, a renamed one or another shape: stream_safetensors declines (None), so transformers'
+    loader, with its renaming and conversions, decides what the folder means."""
+    from safetensors.torch import load_file, save_file
+
+    from ropo_ray.train.model_io import stream_safetensors
+
+    weights = load_file(str(model_folder / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    variants = {
+        "extra": {**weights, "model.unknown.weight": torch.zeros(2)},
+        "renamed": {**{k: v for k, v in weights.items() if k != name}, name.replace("q_proj", "query"): weights[name]},
+        "reshaped": {**weights, name: weights[name][:-1].contiguous()},
+    }
+    for label, tensors in variants.items():
+        folder = _copy_without_weights(model_folder, tmp_path / label)
+        save_file(tensors, str(folder / "model.safetensors"))
+        assert stream_safetensors(folder, SAFE, torch.float32, None) is None, label
+
+
+def test_a_truncated_safetensors_file_is_named(model_folder, tmp_path):
+    folder = _copy_without_weights(model_folder, tmp_path / "cut")
+    data = (model_folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=f"{folder / 'model.safetensors'}: tensor .* is cut short"):
+        load_model(folder, SAFE)
