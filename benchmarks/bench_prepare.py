@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import benchlib
 import psutil
 
 from ropo_ray.config import load_config
@@ -147,10 +147,7 @@ def main() -> None:
     report = {
         "command": "python " + " ".join(sys.argv),
         "settings": args.set,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "memory_gib": psutil.virtual_memory().total / 2**30,
-                    "cpu": subprocess.run(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                                          capture_output=True, text=True).stdout.strip()},
+        "machine": benchlib.machine(),
         "runs": runs,
         "peak_tree_pss_ratio_largest_vs_smallest": runs[-1]["peak_tree_pss_mib"] / runs[0]["peak_tree_pss_mib"],
         **({"cache_peak_tree_pss_ratio_largest_vs_smallest": runs[-1]["cache"]["peak_tree_pss_mib"]

