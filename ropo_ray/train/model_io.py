@@ -55,6 +55,17 @@ def attention_implementation(cfg: ModelConfig, bf16: bool, gpu: bool) -> str | N
     return "eager" if bf16 and not gpu else None
 
 
+def cpu_bf16_warning(bf16: bool, gpu: bool) -> str | None:
+    """A warning when bf16 compute is asked for on a CPU without native bf16 matmuls (no AVX512-BF16 or
+    AMX, e.g. AVX2-only Zen 3), else None. There oneDNN and MKL fall back to a slow path: 1,296 x 640 by
+    640 x 640 ran at 1.5 GFLOP/s in bf16 against 53 in fp32 on such a machine (BENCHMARKS.md)."""
+    if not bf16 or gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return (f"train.precision=bf16 on a CPU without native bf16 matmuls (torch's CPU capability: "
+            f"{torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 / AMX): bf16 matmuls run tens of times "
+            "slower than fp32 here; train.precision=fp32 is the fast setting on this machine")
+
+
 def load_model(path: str | Path, cfg: ModelConfig, *, bf16: bool = False, gpu: bool = False) -> nn.Module:
     """A causal LM from a checked folder, in eval mode.
 

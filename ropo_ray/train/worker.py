@@ -9,6 +9,7 @@ with the optimizer and scheduler state plus its data position, so a restarted gr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -25,11 +26,12 @@ from ropo_ray.config.schema import Config
 from ropo_ray.train.checkpoints import write_record
 from ropo_ray.train.ds_config import deepspeed_config
 from ropo_ray.train.flops import StepFlopModel, batch_sizes, measure_peak_flops, step_flop_model
-from ropo_ray.train.model_io import load_model
+from ropo_ray.train.model_io import cpu_bf16_warning, load_model
 from ropo_ray.train.probe import penalised_objective, probe
 from ropo_ray.train.schedule import warmup_cosine_scheduler
 from ropo_ray.train.step import evaluate_pairs, make_batch, preference_step
 
+logger = logging.getLogger(__name__)
 ENGINE_TAG = "engine"
 STATE_FILE = "train_state.json"
 
@@ -138,6 +140,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     torch.manual_seed(tc.seed)
+    if (warning := cpu_bf16_warning(tc.precision == "bf16", tc.use_gpu)) and ctx.get_world_rank() == 0:
+        logger.warning(warning)
     model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=tc.precision == "bf16", gpu=tc.use_gpu),
                            cfg.adapter)
     if tc.activation_checkpointing:

@@ -290,3 +290,15 @@ def test_a_truncated_safetensors_file_is_named(model_folder, tmp_path):
     (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
     with pytest.raises(ValueError, match=f"{folder / 'model.safetensors'}: tensor .* is cut short"):
         load_model(folder, SAFE)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned(monkeypatch):
+    """The warning follows what oneDNN reports for this CPU; fp32 and GPU runs are never warned."""
+    from ropo_ray.train import model_io
+
+    for native in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        warning = model_io.cpu_bf16_warning(True, False)
+        assert (warning is None) == native
+        assert native or "train.precision=fp32" in warning
+        assert model_io.cpu_bf16_warning(False, False) is None and model_io.cpu_bf16_warning(True, True) is None
