@@ -9,8 +9,9 @@ Uses bench_train.py's model (49M-parameter Llama), data and sides, each in its o
   attention, matmuls, dtype conversions, the rotation's parameter side (Cayley solves, band coefficients), the
   optimizer and the rest, plus the wall-clock phases (data collation, forward, backward, optimizer step);
 - layer: one RoPO layer alone (1,296 tokens, as in a step of 8 pairs of 81 tokens), forward + backward, in
-  three forms side by side: the frozen `nn.Linear`, RoPO with the torch block matmuls, RoPO with the band
-  kernel (medians of 30 calls each, interleaved);
+  four forms side by side: the frozen `nn.Linear`, RoPO with the torch block matmuls, RoPO with the band
+  kernel inside autograd's composed ops, and the fused layer (adapters/fused.py, what training runs on the
+  CPU) (medians of 30 calls each, interleaved);
 - scaling: `ropo_fp32` and `base` (frozen model, forward + backward) at sequence lengths 41 / 81 / 161
   (batch 8) and batches 4 / 8 / 16 (length 81), one run each, sides back to back per point, so the RoPO
   overhead at each point compares like with like.
@@ -50,7 +51,7 @@ def point_args(args: argparse.Namespace, work: Path, seq_len: int, batch: int) -
 
 
 def layer_times(tokens: int = 1296, calls: int = 30) -> list[dict]:
-    """Median ms of forward + backward for one layer: frozen linear, RoPO (torch), RoPO (band kernel)."""
+    """Median ms of forward + backward for one layer in each form (module docstring)."""
     import statistics
 
     import torch
@@ -64,8 +65,11 @@ def layer_times(tokens: int = 1296, calls: int = 30) -> list[dict]:
         torch.manual_seed(0)
         base = nn.Linear(d, n, bias=False).requires_grad_(False)
         x = torch.randn(tokens, d, requires_grad=True)
+        composed = RoPOLinear(base, kernel="native")
+        composed.fuse = False  # the band kernel inside autograd's composed ops (scale and its gradient apart)
         forms = {"frozen linear": base, "RoPO, torch block matmuls": RoPOLinear(base, kernel="torch"),
-                 "RoPO, band kernel": RoPOLinear(base, kernel="native")}
+                 "RoPO, band kernel, composed ops": composed,
+                 "RoPO, band kernel, fused layer": RoPOLinear(base, kernel="native")}
         times: dict[str, list[float]] = {k: [] for k in forms}
         for i in range(calls + 3):
             for name, layer in forms.items():

@@ -249,7 +249,8 @@ def init_single_process_group() -> None:
 
 
 PROFILE_GROUPS = {  # self CPU time of profiled ops, grouped by what they do (first match wins)
-    "rotation kernel (band chain, forward + backward)": ("_BandChain",),
+    "rotation kernels (band chain and the fused layer's scale pass, forward + backward)": ("_BandChain",
+                                                                                          "_RotatedLinear"),
     "attention (scaled dot product, forward + backward)": ("aten::_scaled_dot_product", "aten::_softmax"),
     "matmuls (frozen weights, LM head, small Cayley blocks)": ("aten::mm", "aten::addmm", "aten::bmm",
                                                              "aten::matmul", "aten::linear"),
