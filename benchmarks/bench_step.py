@@ -36,6 +36,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step.json"))
+    parser.add_argument("--parts", default="layer,profile,scaling",
+                        help="which parts to run, e.g. layer (the others take minutes per point)")
+    parser.add_argument("--profile-precisions", default="fp32,bf16",
+                        help="fp32 alone on a CPU without native bf16, where a bf16 step takes minutes")
     benchlib.add_quiet_arguments(parser, max_other_cores=0.2)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -88,17 +92,23 @@ def layer_times(tokens: int = 1296, calls: int = 30) -> list[dict]:
 def drive(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     bench_train.wait_for_quiet(args)
-    layers = layer_times()
+    parts = set(args.parts.split(","))
+    layers = layer_times() if "layer" in parts else []
     points = []
     profiles: dict[str, dict] = {}
-    for seq_len, batch in POINTS:
+    for seq_len, batch in POINTS if parts & {"profile", "scaling"} else []:
+        if "scaling" not in parts and (seq_len, batch) != (81, 8):
+            continue
         work = args.work / f"len{seq_len}-batch{batch}"
         work.mkdir()
         pargs = point_args(args, work, seq_len, batch)
         bench_train.spawn(pargs, "prepare", f"prepare-{seq_len}x{batch}")
+        if (seq_len, batch) == (81, 8) and "profile" in parts:
+            profiles = {p: bench_train.spawn(pargs, f"ropo_{p}_profile", f"profile-{p}")
+                        for p in args.profile_precisions.split(",")}
+        if "scaling" not in parts:
+            continue
         runs = {side: bench_train.spawn(pargs, side, f"{side}-{seq_len}x{batch}") for side in ("ropo_fp32", "base")}
-        if (seq_len, batch) == (81, 8):
-            profiles = {p: bench_train.spawn(pargs, f"ropo_{p}_profile", f"profile-{p}") for p in ("fp32", "bf16")}
         r, b = runs["ropo_fp32"], runs["base"]
         points.append({
             "seq_len": seq_len, "batch_pairs": batch,
@@ -115,6 +125,7 @@ def drive(args: argparse.Namespace) -> dict:
                                                      "ropo_overhead_forward_backward")}), flush=True)
     return {
         "command": "python " + " ".join(sys.argv),
+        "machine": benchlib.machine(threads=2),
         "profile": {precision: {
             "steps": p["steps"], "step_seconds": p["step_seconds"],
             "phase_seconds_per_step": {k: v / p["steps"] for k, v in p["phase_seconds"].items()},
