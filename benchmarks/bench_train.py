@@ -54,12 +54,12 @@ def peak_rss_mib() -> dict[str, float]:
     ru_maxrss of a process started by a bigger parent can report the parent's peak (Linux carries the
     high-water mark across fork + exec); VmHWM cannot, so VmHWM is the figure used.
     """
-    hwm = 0.0
+    status = {}
     with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
-    return {"vmhwm": hwm, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                status[line.split(":")[0].lower()] = int(line.split()[1]) / 1024
+    return {**status, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def own_cpu_seconds() -> float:
@@ -299,11 +299,13 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    memory = {"after_imports": after_imports, "after_loading": peak_rss_mib()}  # where the peak comes from
     flop_model = step_flop_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(tc, 1),
                                       lr_scheduler=lambda opt: warmup_cosine_scheduler(opt, total, tc.warmup_ratio),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
+    memory["after_deepspeed_initialize"] = peak_rss_mib()
     rows, pad_id, loss_cfg = load_json(args.work / "rows.json"), 0, LossConfig()
     step_ends, sizes, phases = [], [], {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     window = Window()
@@ -322,6 +324,8 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
         step_ends.append(time.perf_counter())
         if i + 1 in (args.warmup, total):
             window.mark()
+        if i == 0:
+            memory["after_first_step"] = peak_rss_mib()
         if i >= args.warmup:
             for key, seconds in zip(phases, (t0 - td, t1 - t0, t2 - t1, step_ends[-1] - t2)):
                 phases[key] += seconds
@@ -336,7 +340,8 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
             "phase_seconds": phases, "zero_stage": tc.zero_stage, "precision": precision,
             "activation_checkpointing": tc.activation_checkpointing,
             "module_dtype": str(next(engine.module.parameters()).dtype),
-            "attention": engine.module.config._attn_implementation, "rss_after_imports_mib": after_imports}
+            "attention": engine.module.config._attn_implementation, "rss_after_imports_mib": after_imports,
+            "memory_mib_by_stage": memory}
 
 
 def side_base(args: argparse.Namespace) -> dict:
@@ -497,7 +502,10 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict[str, float]]) -> 
                                         for s in sides if s != "trl"}
     summary["mfu_vs_fp32_ceiling"] = {s: med([mfu(r, c["fp32"]) for r, c in zip(runs[s], ceilings)])
                                       for s in sides if "flop_model" in runs[s][0]}
-    summary["mfu_bf16_vs_bf16_ceiling"] = med([mfu(r, c["bf16"]) for r, c in zip(runs["ropo_bf16"], ceilings)])
+    if "ropo_bf16" in runs:
+        summary["mfu_bf16_vs_bf16_ceiling"] = med([mfu(r, c["bf16"]) for r, c in zip(runs["ropo_bf16"], ceilings)])
+    if "base" not in runs or "ropo_fp32" not in runs:  # a run of some sides only (--sides)
+        return summary
     base, ropo = runs["base"], runs["ropo_fp32"]
     summary["ropo_fp32_overhead_vs_base"] = {
         "whole_step": med([r["step_seconds"] / b["step_seconds"] - 1 for r, b in zip(ropo, base)]),
