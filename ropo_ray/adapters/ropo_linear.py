@@ -5,8 +5,9 @@
 W, bias frozen; c = row norms of W (fp32, computed once); m initialised to c and R to I, so the
 layer equals the base layer exactly at step 0. During training R is applied to the activations, never
 materialised as W R^T: on the CPU with banded mixing by the native band kernel (`kernel`: auto or
-native; see rotation.py and kernels/band_chain.c), otherwise as batched small block matmuls (`torch`,
-also the GPU path). `merged_linear` folds it back for export.
+native; see rotation.py and kernels/band_chain.c), there with the matmul and the scale in one autograd
+function (fused.py); otherwise as batched small block matmuls (`torch`, also the GPU path).
+`merged_linear` folds it back for export.
 """
 
 from __future__ import annotations
