@@ -26,6 +26,7 @@ from ropo_ray.adapters.rotation import (
     band_chain_backward,
     band_chain_forward,
     band_widths,
+    bf16_flag,
     pack_coefficients,
 )
 
@@ -59,11 +60,9 @@ class _RotatedLinear(torch.autograd.Function):
         grad_u = torch.empty_like(g)
         grad_scale = torch.empty(n, dtype=torch.float32)
         bias32 = bias.float().contiguous() if ctx.has_bias else None
-        library().scale_backward(g.data_ptr(), int(g.dtype == torch.bfloat16), y.data_ptr(),
-                                 int(y.dtype == torch.bfloat16), scale.data_ptr(),
+        library().scale_backward(g.data_ptr(), bf16_flag(g), y.data_ptr(), bf16_flag(y), scale.data_ptr(),
                                  None if bias32 is None else bias32.data_ptr(), grad_u.data_ptr(),
-                                 int(grad_u.dtype == torch.bfloat16), grad_scale.data_ptr(), g.shape[0], n,
-                                 torch.get_num_threads())
+                                 bf16_flag(grad_u), grad_scale.data_ptr(), g.shape[0], n, torch.get_num_threads())
         grad_rot = torch.mm(grad_u, weight)  # [T, d]
         del grad_u
         grad_x, grad_coefs = band_chain_backward(rows, packed, grad_rot, ctx.bands, ctx.widths)

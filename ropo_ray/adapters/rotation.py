@@ -252,7 +252,8 @@ def band_coefficients(blocks: torch.Tensor, band: BandLayout) -> torch.Tensor:
     return blocks.float().reshape(-1)[band.index.to(blocks.device)] * band.mask.to(blocks.device)
 
 
-def _flag(t: torch.Tensor) -> int:
+def bf16_flag(t: torch.Tensor) -> int:
+    """The kernels' per-tensor dtype flag: 1 for bfloat16 rows, 0 for float32."""
     return int(t.dtype == torch.bfloat16)
 
 
@@ -270,8 +271,8 @@ def band_chain_forward(rows: torch.Tensor, packed: torch.Tensor, widths: ctypes.
     from ropo_ray.adapters.native import library
 
     out = torch.empty_like(rows)
-    library().chain_forward(rows.data_ptr(), _flag(rows), out.data_ptr(), _flag(out), packed.data_ptr(), widths,
-                            len(widths), rows.shape[0], rows.shape[1], torch.get_num_threads())
+    library().chain_forward(rows.data_ptr(), bf16_flag(rows), out.data_ptr(), bf16_flag(out), packed.data_ptr(),
+                            widths, len(widths), rows.shape[0], rows.shape[1], torch.get_num_threads())
     return out
 
 
@@ -286,9 +287,9 @@ def band_chain_backward(rows: torch.Tensor, packed: torch.Tensor, grad: torch.Te
     transposed = torch.cat([c[band.transpose_index.reshape(-1)] for c, band in zip(packed.split(sizes), bands)])
     grad_x = torch.empty_like(rows)
     grad_coef = torch.empty_like(packed)
-    library().chain_backward(rows.data_ptr(), _flag(rows), g.data_ptr(), _flag(g), grad_x.data_ptr(), _flag(grad_x),
-                             packed.data_ptr(), transposed.contiguous().data_ptr(), grad_coef.data_ptr(), widths,
-                             len(bands), rows.shape[0], d, torch.get_num_threads())
+    library().chain_backward(rows.data_ptr(), bf16_flag(rows), g.data_ptr(), bf16_flag(g), grad_x.data_ptr(),
+                             bf16_flag(grad_x), packed.data_ptr(), transposed.contiguous().data_ptr(),
+                             grad_coef.data_ptr(), widths, len(bands), rows.shape[0], d, torch.get_num_threads())
     return grad_x, [gc.reshape(2 * band.width + 1, d) for gc, band in zip(grad_coef.split(sizes), bands)]
 
 

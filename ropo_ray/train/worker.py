@@ -140,15 +140,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     torch.manual_seed(tc.seed)
-    if (warning := cpu_bf16_warning(tc.precision == "bf16", tc.use_gpu)) and ctx.get_world_rank() == 0:
+    bf16 = tc.precision == "bf16"
+    if (warning := cpu_bf16_warning(bf16, tc.use_gpu)) and ctx.get_world_rank() == 0:
         logger.warning(warning)
-    model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=tc.precision == "bf16", gpu=tc.use_gpu),
-                           cfg.adapter)
+    model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=bf16, gpu=tc.use_gpu), cfg.adapter)
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     flop_model = step_flop_model(model)
-    peak = tc.peak_flops or measure_peak_flops(torch.bfloat16 if tc.precision == "bf16" else torch.float32)
+    peak = tc.peak_flops or measure_peak_flops(torch.bfloat16 if bf16 else torch.float32)
     ds_cfg = deepspeed_config(tc, ctx.get_world_size())
     scheduler = None if "scheduler" in ds_cfg else (
         lambda opt: warmup_cosine_scheduler(opt, config["total_steps"], tc.warmup_ratio))
