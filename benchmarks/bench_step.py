@@ -96,9 +96,8 @@ def drive(args: argparse.Namespace) -> dict:
     layers = layer_times() if "layer" in parts else []
     points = []
     profiles: dict[str, dict] = {}
-    for seq_len, batch in POINTS if parts & {"profile", "scaling"} else []:
-        if "scaling" not in parts and (seq_len, batch) != (81, 8):
-            continue
+    # the profile runs at the default point (81 x 8), which the scaling points include
+    for seq_len, batch in POINTS if "scaling" in parts else [(81, 8)] if "profile" in parts else []:
         work = args.work / f"len{seq_len}-batch{batch}"
         work.mkdir()
         pargs = point_args(args, work, seq_len, batch)

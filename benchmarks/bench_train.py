@@ -49,7 +49,8 @@ EXTRA_SIDES = ("ropo_fp32_gc", "ropo_fp32_profile", "ropo_bf16_profile")  # for 
 
 
 def peak_rss_mib() -> dict[str, float]:
-    """Peak RSS of this process, MiB: VmHWM (this address space since exec) and ru_maxrss.
+    """Peak RSS of this process, MiB: VmHWM (this address space since exec) and ru_maxrss; and VmRSS, the
+    resident memory now.
 
     ru_maxrss of a process started by a bigger parent can report the parent's peak (Linux carries the
     high-water mark across fork + exec); VmHWM cannot, so VmHWM is the figure used.

@@ -20,14 +20,15 @@ import json, socket, urllib.error, urllib.request
 import psutil, ray
 from ropo_ray.runs import connect_ray
 
-connect_ray(log=lambda line: None)
+logged = []
+connect_ray(log=logged.append)
 try:
     dash = [p for p in psutil.Process().children(recursive=True)
             if any(a.endswith("dashboard/dashboard.py") for a in p.cmdline())]
     # The dashboard's HTTP server (its UI and API). The same process also serves Ray's Prometheus metrics
     # (port 44227) on every interface: Ray binds that one to loopback only when the node's address is
     # loopback, and ray.init resolves 127.0.0.1 to the machine's address (RELIABILITY.md, Security).
-    http_port = int(ray._private.worker.global_worker.node.address_info["webui_url"].rsplit(":", 1)[1])
+    http_port = int(next(line for line in logged if "dashboard at" in line).rsplit(":", 1)[1])
     every = [(c.laddr.ip, c.laddr.port) for p in dash for c in p.net_connections(kind="inet")
              if c.status == psutil.CONN_LISTEN]
     listening = [(ip, port) for ip, port in every if port == http_port]
