@@ -164,7 +164,10 @@ class CacheConfig:
     """Tokens per reference forward: rows x longest pair in the micro-batch."""
     sort_window_rows: int = 65536
     """Pairs sorted by length together before scoring (the pool gets them in that order, so batches pad
-    little). The most pairs the stage holds at once, whatever the dataset's size."""
+    little)."""
+    read_ahead_windows: int = 1
+    """Windows read beyond one per actor. Between being read and being written, the stage holds at most
+    (num_actors + read_ahead_windows) windows plus one batch of pairs, whatever the dataset's size."""
 
     def __post_init__(self) -> None:
         check(self.num_actors >= 1, "cache.num_actors", "must be >= 1")
@@ -172,3 +175,4 @@ class CacheConfig:
         check(self.batch_rows >= 1, "cache.batch_rows", "must be >= 1")
         check(self.token_budget >= 1, "cache.token_budget", "must be >= 1")
         check(self.sort_window_rows >= 1, "cache.sort_window_rows", "must be >= 1")
+        check(self.read_ahead_windows >= 0, "cache.read_ahead_windows", "must be >= 0")

@@ -5,7 +5,9 @@
       -> Parquet parts written by the driver -> published into <cache_root>/<key>/ with a checked manifest
 
 Memory does not grow with the number of pairs: nothing is materialised, a window is the most any task holds,
-and per cached pair only its 32-character id is kept (to skip it).
+per cached pair only its 32-character id is kept (to skip it), and a window is read only when the pairs already
+read and not yet written leave room for it (`WindowCredit`): at most (num_actors + cache.read_ahead_windows)
+windows plus one batch are in flight, however far ahead the zero-CPU reading could otherwise run.
 
 A verified hit performs no reference forward at all; a grown dataset computes only its new pairs;
 a cache whose files no longer match its manifest is rebuilt, never trusted. Forwards are counted
@@ -68,6 +70,51 @@ class ForwardCounter:
         return {"forwards": self.forwards, "pairs": self.pairs, "seconds": self.seconds}
 
 
+@ray.remote(num_cpus=0)
+class WindowCredit:
+    """Credit-based flow control between the window reader and the driver that writes the scored pairs.
+
+    A window is read only after `acquire(rows)` grants its rows; rows leave when the driver has written them,
+    or when the reader drops them (already cached). The reader needs no CPU, so without this nothing but
+    Ray Data's object-store budget would stop it reading the whole dataset ahead of the pool.
+
+    `bound` must be at least one window plus one batch: Ray Data's bundler may hold back fewer than
+    `cache.batch_rows` rows waiting for more, so a bound below that could wait forever. Whenever a grant is
+    refused, more than a batch is held, so the pool has work and the held rows drain.
+    """
+
+    def __init__(self, bound: int) -> None:
+        import asyncio
+
+        self.bound = bound
+        self.held = 0
+        self.peak = 0
+        self.granted = 0
+        self.released = 0
+        self.changed = asyncio.Condition()
+
+    async def acquire(self, rows: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.held + rows <= self.bound or self.held == 0)
+            self.held += rows
+            self.granted += rows
+            self.peak = max(self.peak, self.held)
+
+    async def release(self, rows: int) -> None:
+        async with self.changed:
+            self.held -= rows
+            self.released += rows
+            self.changed.notify_all()
+
+    async def totals(self) -> dict[str, int]:
+        return {"bound": self.bound, "peak": self.peak, "granted": self.granted, "released": self.released}
+
+
+def in_flight_bound(window: int, cfg: Config) -> int:
+    """The most pairs the cache stage holds between reading and writing them (see `WindowCredit`)."""
+    return (cfg.cache.num_actors + cfg.cache.read_ahead_windows) * window + cfg.cache.batch_rows
+
+
 def token_budget_batches(rows: list[dict], token_budget: int) -> list[list[dict]]:
     """Length-sorted rows packed so each [2B, T] forward holds at most `token_budget` tokens, padding
     included (2 x rows x the longest sequence); at least one row per batch."""
@@ -113,13 +160,18 @@ class RefLogpActor:
         return pa.Table.from_pylist(out, schema=CACHE_SCHEMA)
 
 
-def _missing_windows(batch: dict[str, Any], fs: Any, known_ref: ray.ObjectRef) -> Iterator[pa.Table]:
+def _missing_windows(batch: dict[str, Any], fs: Any, known_ref: ray.ObjectRef,
+                     credit: Any = None) -> Iterator[pa.Table]:
     """map_batches UDF: one window per input row, given as {path, first row, rows} slices of prepared Parquet
     files -> the window's pairs the cache lacks (known_ref: the cached ids, read from the object store without
     a copy) sorted by width (the longer sequence), so each batch the pool gets holds pairs of about one length
-    and pads little. Only the row groups a slice overlaps are read."""
+    and pads little. Only the row groups a slice overlaps are read, and only once `credit` (a `WindowCredit`)
+    grants the window's rows; the cached pairs dropped are handed back at once."""
     known = ray.get(known_ref)
     for slices in batch["slices"]:
+        planned = sum(int(piece["rows"]) for piece in slices)
+        if credit is not None:
+            ray.get(credit.acquire.remote(planned))
         tables = []
         for piece in slices:
             path, first, rows = piece["path"], int(piece["first"]), int(piece["rows"])
@@ -136,6 +188,8 @@ def _missing_windows(batch: dict[str, Any], fs: Any, known_ref: ray.ObjectRef) -
         table = pa.concat_tables(tables)
         if known is not None and len(known):
             table = table.filter(pc.invert(pc.is_in(table["pair_id"], value_set=known)))
+        if credit is not None and planned > table.num_rows:
+            ray.get(credit.release.remote(planned - table.num_rows))
         widths = pc.add(pc.list_value_length(table["prompt_ids"]),
                         pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
                                             pc.list_value_length(table["rejected_ids"])))
@@ -205,13 +259,16 @@ def _trusted_manifest(cache_dir: Store, log: Callable[[str], None]) -> dict[str,
 
 
 def _score(inputs: list[str], fs: Any, known_ref: Any, cfg: Config, model_dir: str | Path,
-           tokenizer_dir: str | Path, counter: Any, cache_dir: Store, rows_per_part: int = 200_000) -> list[Path]:
+           tokenizer_dir: str | Path, counter: Any, cache_dir: Store, credit_totals: dict[str, int],
+           rows_per_part: int = 200_000) -> list[Path]:
     """Reference log-probs of the pairs the cache lacks, written as uniquely named parts in a local scratch
     folder (beside a local cache, so publishing is a rename; in the temp folder for a remote one).
 
-    The pairs stream: reading, filtering and sorting a window are zero-CPU tasks started from the driver's
-    plan of windows (no listing or read task that needs a CPU), so the actor pool may hold every CPU and they
-    still run; the driver consumes the actors' output, so no write task waits either.
+    The pairs stream: reading, filtering and sorting a window are zero-CPU tasks (one at a time) started from
+    the driver's plan of windows (no listing or read task that needs a CPU), so the actor pool may hold every
+    CPU and they still run; the driver consumes the actors' output, so no write task waits either. A window is
+    read only when `WindowCredit` has room for it; the driver hands rows back as it writes them.
+    `credit_totals` receives the credit's counts (its bound and the peak pairs in flight).
     """
     import tempfile
 
@@ -222,16 +279,20 @@ def _score(inputs: list[str], fs: Any, known_ref: Any, cfg: Config, model_dir: s
     for path in inputs:
         with fs.open_input_file(path) as f:
             file_rows.append((path, pq.ParquetFile(f).metadata.num_rows))
-    plan = plan_windows(file_rows, window_rows(sum(n for _, n in file_rows), cfg))
+    window = window_rows(sum(n for _, n in file_rows), cfg)
+    plan = plan_windows(file_rows, window)
+    credit = WindowCredit.remote(in_flight_bound(window, cfg))
     with max_block_bytes(BLOCK_BYTES):  # set before the datasets are built: each keeps the context it was built in
         windows = ray.data.from_items([{"slices": w} for w in plan], override_num_blocks=len(plan)).map_batches(
-            _missing_windows, fn_args=(fs, known_ref), batch_size=1, num_cpus=0)
+            _missing_windows, fn_args=(fs, known_ref, credit), batch_size=1, num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=1))
         scored = windows.map_batches(
             RefLogpActor, fn_constructor_args=(str(model_dir), str(tokenizer_dir), cfg.model, cfg.cache.token_budget,
                                                counter),
             batch_format="pyarrow", batch_size=cfg.cache.batch_rows,
             compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors), num_cpus=cfg.cache.cpus_per_actor)
         parts: list[Path] = []
+        released: list[ray.ObjectRef] = []
         writer, written = None, 0
         for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
             if writer is None or written >= rows_per_part:
@@ -241,8 +302,14 @@ def _score(inputs: list[str], fs: Any, known_ref: Any, cfg: Config, model_dir: s
                 writer, written = pq.ParquetWriter(str(parts[-1]), CACHE_SCHEMA), 0
             writer.write_table(table.cast(CACHE_SCHEMA))
             written += table.num_rows
+            released.append(credit.release.remote(table.num_rows))
+            if len(released) > 64:  # an async actor keeps no call order: wait for them before asking the totals
+                ray.get(released)
+                released.clear()
     if writer is not None:
         writer.close()
+    ray.get(released)
+    credit_totals.update(ray.get(credit.totals.remote()))
     return parts
 
 
@@ -255,6 +322,7 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
     prepared = prepared_dir.child("manifest.json").read_json()
     manifest = _trusted_manifest(cache_dir, log)
     counter = ForwardCounter.remote()
+    credit: dict[str, int] = {}
     if prepared["kept"] == 0:
         raise ValueError(f"{prepared_dir}: the prepared data holds no pairs (see its rejects/)")
     if manifest and prepared["fingerprint"] in manifest.get("covered", []):
@@ -264,7 +332,8 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
         known = _known_ids(cache_dir, manifest)
         total = prepared["kept"]
         n_missing = _count_missing(pads.dataset(parts, format="parquet", filesystem=prepared_dir.fs), known)
-        written = (_score(parts, prepared_dir.fs, ray.put(known), cfg, model_dir, tokenizer_dir, counter, cache_dir)
+        written = (_score(parts, prepared_dir.fs, ray.put(known), cfg, model_dir, tokenizer_dir, counter, cache_dir,
+                          credit)
                    if n_missing else [])
         scored = sum(pq.ParquetFile(p).metadata.num_rows for p in written)
         if scored != n_missing:  # never publish a cache that silently lacks pairs
@@ -278,7 +347,9 @@ def build_cache(cfg: Config, model_dir: str | Path, tokenizer_dir: str | Path, p
     summary = {"cache_dir": cache_dir.location, "key": cache_dir.name, "pairs": total, "computed": n_missing,
                "reused": total - n_missing, "reference_forwards": counts["forwards"],
                "scored_pairs": counts["pairs"], "actor_seconds": counts["seconds"], "cache_rows": manifest["rows"],
+               "in_flight": credit,  # WindowCredit's bound, peak, granted and released pairs (empty on a hit)
                "seconds": time.perf_counter() - t0}
     log(f"cache: {summary['reused']} of {total} pairs reused, {n_missing} computed with "
-        f"{counts['forwards']} reference forwards in {summary['seconds']:.1f} s -> {cache_dir}")
+        f"{counts['forwards']} reference forwards in {summary['seconds']:.1f} s -> {cache_dir}"
+        + (f" (at most {credit['peak']} pairs in flight, bound {credit['bound']})" if credit else ""))
     return summary

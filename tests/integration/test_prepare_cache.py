@@ -17,7 +17,7 @@ from ropo_ray.adapters.registry import attach_adapter
 from ropo_ray.config import load_config
 from ropo_ray.data.prepare import prepare
 from ropo_ray.data.sources import InputError
-from ropo_ray.refcache.stage import _missing_windows, build_cache, plan_windows, window_rows
+from ropo_ray.refcache.stage import WindowCredit, _missing_windows, build_cache, plan_windows, window_rows
 from ropo_ray.refcache.store import read_entries, verify
 from ropo_ray.train.logprobs import concatenated_forward
 from ropo_ray.train.model_io import load_model, load_tokenizer
@@ -261,14 +261,34 @@ def test_the_cache_stage_streams_sorted_windows_without_the_cached_pairs(prepare
     assert [sum(s["rows"] for s in w) for w in plan] == [7] * (manifest["train"] // 7) + (
         [manifest["train"] % 7] if manifest["train"] % 7 else [])
     assert any(len(w) > 1 for w in plan)  # a window spanning files
+    credit = WindowCredit.remote(10**6)
     windows = [w.to_pylist() for w in _missing_windows(
-        {"slices": plan}, pafs.LocalFileSystem(), ray_local.put(pa.array(known, pa.string())))]
+        {"slices": plan}, pafs.LocalFileSystem(), ray_local.put(pa.array(known, pa.string())), credit)]
+    # every planned row passed through the credit; the cached ones were handed back as soon as they were dropped
+    totals = ray_local.get(credit.totals.remote())
+    assert totals["granted"] == manifest["train"] and totals["released"] == len(known)
     assert len(windows) == len(plan) and all(len(w) <= 7 for w in windows)
     for w in windows:
         widths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in w]
         assert widths == sorted(widths)
     got = [r["pair_id"] for w in windows for r in w]
     assert sorted(got) == sorted(set(r["pair_id"] for r in train) - set(known)) and len(got) == len(set(got))
+
+
+def test_the_cache_stage_reads_no_further_ahead_than_its_credit(prepared, tiny_assets, tmp_path):
+    """Load: the zero-CPU window reader waits for the pool. Windows of 4 pairs, batches of 2, one actor and one
+    window of read-ahead: at most (1 + 1) x 4 + 2 = 10 of the 65 pairs are ever between read and written.
+    Without the wait, every window is read while the actor is still loading its model (the peak was the
+    whole 65 when `acquire` granted at once)."""
+    _, out, manifest, _ = prepared
+    cfg = load_config(None, ["data.truncation=reject", "data.max_prompt_tokens=200", "data.eval_fraction=0.2",
+                             f"cache.root={tmp_path}/cache", "cache.sort_window_rows=4", "cache.batch_rows=2",
+                             "cache.read_ahead_windows=1"])
+    summary = build_cache(cfg, tiny_assets, tiny_assets, out)
+    flow = summary["in_flight"]
+    assert summary["computed"] == manifest["kept"] == 65 and summary["cache_rows"] == 65
+    assert flow["bound"] == 10 and flow["granted"] == flow["released"] == 65
+    assert 4 <= flow["peak"] <= 10
 
 
 def test_small_data_still_gives_every_actor_windows():
