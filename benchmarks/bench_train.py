@@ -17,6 +17,8 @@ pair is `--seq-len` tokens) and the same batch (`--batch` pairs per step) on eve
 - base:      the model with every weight frozen and the embedding output requiring grad, forward + DPO loss +
              backward (no optimizer): the reference for the RoPO layer's overhead and for MFU.
 
+The RoPO sides run on `--ropo-allocator` (the default train.allocator: what a Ray Train worker runs on),
+TRL and the base on glibc's malloc; an extra pass measures every side's peak RSS on the other allocator.
 Each side runs in its own process (`--side`), so its peak RSS is its own; the sides run one after the other
 in each repeat (order rotated per repeat), so ratios compare like with like on a noisy machine. Step times
 are the wall-clock between the ends of consecutive steps after `--warmup` steps (data collation included).
@@ -40,6 +42,9 @@ from pathlib import Path
 
 import benchlib
 from benchlib import load_json, machine_busy_seconds, versions
+
+from ropo_ray.config.training import TrainConfig
+from ropo_ray.train.allocator import worker_env
 
 SIDES = ("trl", "trl_nogc", "ropo_fp32", "ropo_bf16", "ropo_bf16_gc", "base")
 EXTRA_SIDES = ("ropo_fp32_gc", "ropo_fp32_profile", "ropo_bf16_profile")  # for bench_step.py and one-off checks
@@ -417,11 +422,14 @@ def run_once(args: argparse.Namespace, side: str, tag: str, env: dict[str, str] 
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    env = side_env(side, args.ropo_allocator) if env is None else env
+    inherited = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**inherited, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"side {side} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = load_json(result)
     out["process_seconds"] = time.perf_counter() - t0
+    out["allocator"] = "jemalloc" if env.get("LD_PRELOAD") else "system"
     out["loadavg_1min"] = {"before": load_before, "after": float(Path("/proc/loadavg").read_text().split()[0])}
     other = out.get("contention", {}).get("other_cores", 0.0)
     print(f"  {tag}: {out.get('pairs_per_s', 0):.3f} pairs/s, {out.get('tokens_per_s', 0):.1f} tokens/s, "
@@ -445,17 +453,25 @@ def spawn(args: argparse.Namespace, side: str, tag: str) -> dict:
         discarded.append({k: v for k, v in out.items() if k != "step_ends"})
 
 
-def rss_with_fixed_mmap_threshold(args: argparse.Namespace, sides: list[str]) -> dict[str, dict[str, float]]:
-    """Peak RSS of each side with glibc's mmap threshold fixed at 128 KiB (its dynamic threshold otherwise
-    lets freed activation buffers pile up in the heap). For memory: 2 timed steps, one run, no quiet-machine
-    gate, so its pairs/s are indicative only."""
+def side_env(side: str, ropo_allocator: str) -> dict[str, str]:
+    """The environment a side starts in: RoPO sides on `ropo_allocator` (as a Ray Train worker with that
+    train.allocator starts, ropo_ray.train.allocator), TRL and the frozen base on glibc's malloc (TRL's own)."""
+    return worker_env(ropo_allocator) if side.startswith("ropo") else {}
+
+
+def rss_with_the_other_allocator(args: argparse.Namespace, sides: list[str]) -> dict[str, dict[str, float]]:
+    """Peak RSS of each side on the allocator it did not run on in the timed repeats (RoPO sides on the other
+    train.allocator; TRL and the base with jemalloc preloaded), so the allocator's share of every side's peak
+    is measured, not assumed. For memory: 2 timed steps, one run, no quiet-machine gate, so its pairs/s are
+    indicative only."""
     short = argparse.Namespace(**{**vars(args), "steps": 2})
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    other = "system" if args.ropo_allocator == "jemalloc" else "jemalloc"
     out = {}
     for side in sides:
-        run = run_once(short, side, f"{side}-mmap", env)
-        out[side] = {"peak_rss_mib": run["peak_rss_mib"]["vmhwm"], "pairs_per_s": run["pairs_per_s"],
-                     "other_cores": run["contention"]["other_cores"]}
+        env = worker_env(other) if side.startswith("ropo") else worker_env("jemalloc")
+        run = run_once(short, side, f"{side}-other-allocator", env)
+        out[side] = {"allocator": env.get("LD_PRELOAD", "system"), "peak_rss_mib": run["peak_rss_mib"]["vmhwm"],
+                     "pairs_per_s": run["pairs_per_s"], "other_cores": run["contention"]["other_cores"]}
     return out
 
 
@@ -531,8 +547,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sides", default=",".join(SIDES))
     benchlib.add_quiet_arguments(parser, max_other_cores=0.2)
+    parser.add_argument("--ropo-allocator", choices=("system", "jemalloc"), default=TrainConfig().allocator,
+                        help="train.allocator of the RoPO sides (default: the config's default)")
     parser.add_argument("--allocator-pass", type=int, default=1,
-                        help="1: also measure every side's peak RSS with MALLOC_MMAP_THRESHOLD_=131072")
+                        help="1: also measure every side's peak RSS on the other allocator")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
     parser.add_argument("--side", choices=("prepare", *EXTRA_SIDES, *SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -550,7 +568,7 @@ def drive(args: argparse.Namespace) -> dict:
     sides = args.sides.split(",")
     runs, ceilings = benchlib.rotated_repeats(args.repeats, sides, lambda: measure_ceilings(args),
                                               lambda side, r: spawn(args, side, f"{side}-{r}"))
-    rss_fixed = rss_with_fixed_mmap_threshold(args, sides) if args.allocator_pass else {}
+    rss_other = rss_with_the_other_allocator(args, sides) if args.allocator_pass else {}
     uptime["end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     all_runs = [setup, *(run for side in runs.values() for run in side)]
     return {
@@ -559,10 +577,7 @@ def drive(args: argparse.Namespace) -> dict:
                                     versions=versions("torch", "transformers", "peft", "trl", "deepspeed", "ray")),
         "setup": setup, "batch_pairs": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "repeats": args.repeats, "ceilings_flops": ceilings, **summarise(runs, ceilings),
-        "peak_rss_mib_malloc_mmap_threshold_128k": rss_fixed,
-        "peak_rss_ratio_vs_trl_malloc_mmap_threshold_128k": {
-            s: v["peak_rss_mib"] / rss_fixed["trl"]["peak_rss_mib"] for s, v in rss_fixed.items()
-            if s != "trl" and "trl" in rss_fixed},
+        "ropo_allocator": args.ropo_allocator, "peak_rss_mib_other_allocator": rss_other,
         "runs": runs, "total_seconds": time.perf_counter() - t_start,
         "seconds_waiting_for_quiet_machine": sum(r.get("waited_for_quiet_seconds", 0.0) for r in all_runs),
         "seconds_in_side_processes": sum(r["process_seconds"] for r in all_runs),

@@ -26,20 +26,25 @@ for name in ("torch", "transformers", "peft", "deepspeed", "ray", "vllm", "pyarr
 import torch
 print(f"setup ok: torch {torch.__version__}; peft, vllm, deepspeed, ray import")
 PY
+apt_install() {  # Debian packages, as root or through sudo
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "$@" >/dev/null
+}
 # The report test opens report.html in headless Chromium (Debian's package), so the test setup installs it.
 if [[ ",$EXTRAS," == *",test,"* ]] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium >/dev/null
+  apt_install chromium || true
   command -v chromium >/dev/null || { echo "setup: could not install chromium (apt-get install chromium)" >&2; exit 1; }
 fi
 # RoPO's CPU rotation kernel is C, built on first use (ropo_ray/adapters/native.py): make sure a compiler
 # exists, and build it now so the first training does not pay for it.
 if ! command -v "${CC:-cc}" >/dev/null; then
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q gcc >/dev/null \
-    || echo "setup: no C compiler and apt-get install gcc failed: RoPO falls back to torch block matmuls" >&2
+  apt_install gcc || echo "setup: no C compiler and apt-get install gcc failed: RoPO falls back to torch block matmuls" >&2
+fi
+# train.allocator=jemalloc (the default) preloads Debian's libjemalloc2 into the training workers
+# (ropo_ray/train/allocator.py); without it they run on glibc's malloc, with a higher peak memory.
+if ! "$VENV/bin/python" -c "import ctypes; ctypes.CDLL('libjemalloc.so.2')" 2>/dev/null; then
+  apt_install libjemalloc2 || echo "setup: apt-get install libjemalloc2 failed: training workers use glibc's malloc" >&2
 fi
 "$VENV/bin/python" -c "from ropo_ray.adapters import native; ok, why = native.available(); \
 print('setup: RoPO band kernel built' if ok else f'setup: RoPO band kernel unavailable ({why})')"

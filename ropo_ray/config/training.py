@@ -147,6 +147,9 @@ class TrainConfig:
     """Checkpoints kept (the newest)."""
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint after a lost worker."""
+    allocator: Literal["system", "jemalloc"] = "jemalloc"
+    """Memory allocator of the training workers: system (glibc's malloc) or jemalloc, preloaded into the
+    worker processes (ropo_ray.train.allocator); jemalloc needs libjemalloc.so.2 on every node."""
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from ropo_ray.config.schema import Config
 from ropo_ray.fingerprint import training_fingerprint
 from ropo_ray.refcache.store import part_paths, verify
 from ropo_ray.storage import Store, store
+from ropo_ray.train.allocator import worker_env
 from ropo_ray.train.checkpoints import CheckpointCorrupt, check_files, file_records, verify_resume_checkpoint
 from ropo_ray.train.model_io import load_tokenizer
 from ropo_ray.train.worker import train_loop_per_worker
@@ -182,7 +184,8 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepa
     tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model)
     backend = tc.backend if tc.backend != "auto" else ("nccl" if tc.use_gpu else "gloo")
     log(f"train: {n_train} pairs ({n_eval} held out), {tc.num_workers} workers x {tc.micro_batch_size} pairs, "
-        f"ZeRO-{tc.zero_stage}, {backend}, {steps} steps; checkpoints in {storage.child(name)}")
+        f"ZeRO-{tc.zero_stage}, {backend}, {tc.allocator} allocator, {steps} steps; "
+        f"checkpoints in {storage.child(name)}")
     metrics_log = run_dir.child(f"{name}_metrics.jsonl")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -196,7 +199,9 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepa
         run_config=RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.fs,
                              callbacks=[MetricsLog(metrics_log.location), *(callbacks or [])],
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=tc.max_failures)),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             worker_runtime_env={"env_vars": worker_env(tc.allocator,
+                                                                        os.environ.get("LD_PRELOAD", ""))}),
     )
     result = trainer.fit()
     if result.checkpoint is not None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ropo_ray.adapters.inject import ropo_layers
 from ropo_ray.adapters.registry import attach_adapter
 from ropo_ray.config.schema import Config
+from ropo_ray.train.allocator import allocator_warning, loaded_allocator
 from ropo_ray.train.checkpoints import write_record
 from ropo_ray.train.ds_config import deepspeed_config
 from ropo_ray.train.flops import StepFlopModel, batch_sizes, measure_peak_flops, step_flop_model
@@ -143,6 +144,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16 = tc.precision == "bf16"
     if (warning := cpu_bf16_warning(bf16, tc.use_gpu)) and ctx.get_world_rank() == 0:
         logger.warning(warning)
+    if warning := allocator_warning(tc.allocator, loaded_allocator()):
+        logger.warning(f"rank {ctx.get_world_rank()}: {warning}")
     model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=bf16, gpu=tc.use_gpu), cfg.adapter)
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

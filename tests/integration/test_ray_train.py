@@ -13,6 +13,7 @@ import pytest
 
 from ropo_ray.config import load_config
 from ropo_ray.runs import joined_rows
+from ropo_ray.train.allocator import loaded_allocator
 from ropo_ray.train.model_io import load_model, load_tokenizer
 from ropo_ray.train.ray_trainer import FinishedRun, read_metrics, train_ray
 from ropo_ray.train.step import evaluate_pairs
@@ -80,8 +81,10 @@ def test_resume_a_finished_run_to_twice_its_steps(polite_data, tiny_assets, tmp_
 def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_assets, tmp_path):
     """SIGKILL one training worker's process after the first checkpoint: FailureConfig restarts the group
     from that checkpoint (no fresh start), the run finishes, and its final held-out loss matches an
-    uninterrupted run's within 0.02 (data order after a restart may differ, so not bit for bit)."""
-    common = ["train.num_workers=2", "train.micro_batch_size=8", "train.checkpoint_every=4", "train.max_failures=2"]
+    uninterrupted run's within 0.02 (data order after a restart may differ, so not bit for bit). The workers
+    run on the allocator asked for: jemalloc mapped into both processes (the runtime env's LD_PRELOAD)."""
+    common = ["train.num_workers=2", "train.micro_batch_size=8", "train.checkpoint_every=4", "train.max_failures=2",
+              "train.allocator=jemalloc"]
     _, clean = run(polite_data, tiny_assets, tmp_path / "clean", common, name="clean")
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(
@@ -94,6 +97,7 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_as
     killed_at = max(r["step"] for r in read_metrics(log))
     workers = train_worker_pids()
     assert len(workers) == 2
+    assert [loaded_allocator(Path(f"/proc/{pid}/maps").read_text()) for pid in workers] == ["jemalloc"] * 2
     os.kill(workers[-1], signal.SIGKILL)
     thread.join(timeout=900)
     result, records = box["result"], read_metrics(log)
