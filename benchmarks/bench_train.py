@@ -415,21 +415,22 @@ def wait_for_quiet(args: argparse.Namespace) -> float:
     return time.perf_counter() - t0
 
 
-def run_once(args: argparse.Namespace, side: str, tag: str, env: dict[str, str] | None = None) -> dict:
+def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | None = None) -> dict:
+    """One side in its own process, on `allocator` (default: the side's own, `side_allocator`)."""
+    allocator = allocator or side_allocator(side, args.ropo_allocator)
     result = args.work / f"result-{tag}.json"
     cmd = [sys.executable, __file__, "--side", side, "--work", str(args.work), "--result", str(result)]
     for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
     t0 = time.perf_counter()
-    env = side_env(side, args.ropo_allocator) if env is None else env
     inherited = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**inherited, **env})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**inherited, **worker_env(allocator)})
     if proc.returncode != 0:
         raise RuntimeError(f"side {side} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = load_json(result)
     out["process_seconds"] = time.perf_counter() - t0
-    out["allocator"] = "jemalloc" if env.get("LD_PRELOAD") else "system"
+    out["allocator"] = allocator
     out["loadavg_1min"] = {"before": load_before, "after": float(Path("/proc/loadavg").read_text().split()[0])}
     other = out.get("contention", {}).get("other_cores", 0.0)
     print(f"  {tag}: {out.get('pairs_per_s', 0):.3f} pairs/s, {out.get('tokens_per_s', 0):.1f} tokens/s, "
@@ -453,10 +454,10 @@ def spawn(args: argparse.Namespace, side: str, tag: str) -> dict:
         discarded.append({k: v for k, v in out.items() if k != "step_ends"})
 
 
-def side_env(side: str, ropo_allocator: str) -> dict[str, str]:
-    """The environment a side starts in: RoPO sides on `ropo_allocator` (as a Ray Train worker with that
+def side_allocator(side: str, ropo_allocator: str) -> str:
+    """The allocator a side starts on: RoPO sides on `ropo_allocator` (as a Ray Train worker with that
     train.allocator starts, ropo_ray.train.allocator), TRL and the frozen base on glibc's malloc (TRL's own)."""
-    return worker_env(ropo_allocator) if side.startswith("ropo") else {}
+    return ropo_allocator if side.startswith("ropo") else "system"
 
 
 def rss_with_the_other_allocator(args: argparse.Namespace, sides: list[str]) -> dict[str, dict[str, float]]:
@@ -465,12 +466,11 @@ def rss_with_the_other_allocator(args: argparse.Namespace, sides: list[str]) -> 
     is measured, not assumed. For memory: 2 timed steps, one run, no quiet-machine gate, so its pairs/s are
     indicative only."""
     short = argparse.Namespace(**{**vars(args), "steps": 2})
-    other = "system" if args.ropo_allocator == "jemalloc" else "jemalloc"
     out = {}
     for side in sides:
-        env = worker_env(other) if side.startswith("ropo") else worker_env("jemalloc")
-        run = run_once(short, side, f"{side}-other-allocator", env)
-        out[side] = {"allocator": env.get("LD_PRELOAD", "system"), "peak_rss_mib": run["peak_rss_mib"]["vmhwm"],
+        other = "system" if side_allocator(side, args.ropo_allocator) == "jemalloc" else "jemalloc"
+        run = run_once(short, side, f"{side}-other-allocator", other)
+        out[side] = {"allocator": other, "peak_rss_mib": run["peak_rss_mib"]["vmhwm"],
                      "pairs_per_s": run["pairs_per_s"], "other_cores": run["contention"]["other_cores"]}
     return out
 
