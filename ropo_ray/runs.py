@@ -91,18 +91,64 @@ def mirror_dir(cfg: Config) -> Path:
 def connect_ray(log: Log = print) -> None:
     """Join the Ray cluster named by RAY_ADDRESS (a job's cluster); start a local one only when there is none.
 
-    A local Ray started here binds its dashboard to 127.0.0.1.
+    A local Ray started here binds its dashboard to 127.0.0.1. Either way the job's workers are told
+    the cluster's address (`address_env`).
     """
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        log(f"ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
+        address = os.environ["RAY_ADDRESS"]
+        ray.init(address=address, log_to_driver=True, runtime_env=address_env(address))
+        log(f"ray: joined the cluster at {address}")
         return
-    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    context = start_local_ray(logging_level="WARNING")
     log(f"ray: started a local cluster; dashboard at http://{context.dashboard_url}")
+
+
+def address_env(address: str) -> dict[str, Any] | None:
+    """A job runtime env naming the cluster's address to every worker of the job (RAY_ADDRESS).
+
+    Ray Train V2's placement-group cleaner (a detached actor) asks the state API whether the run's
+    controller is alive; with no address given that API looks for the GCS among this machine's
+    processes, and with two Ray instances on one machine (two local pipelines, or a test run beside a
+    benchmark) it fails with "Found multiple active Ray instances". Not for a Ray Client address
+    (ray://) or "auto", nor when a submitted job's own runtime env sets it (Ray refuses to merge a key
+    set twice)."""
+    if address.startswith("ray://") or address == "auto":
+        return None
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    if "RAY_ADDRESS" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"RAY_ADDRESS": address}}
+
+
+def start_local_ray(**options: Any) -> Any:
+    """Start a local Ray (dashboard on 127.0.0.1) whose workers know its address (`address_env`).
+
+    The GCS port is chosen before Ray starts (Ray's head reads RAY_GCS_SERVER_PORT; one the user set is
+    kept), so the address can go in the job's runtime env."""
+    import socket
+
+    import ray
+
+    port = os.environ.get("RAY_GCS_SERVER_PORT")
+    if not port:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = port
+    try:
+        context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+                           runtime_env=address_env(f"127.0.0.1:{port}"), **options)
+    finally:
+        if previous is None:
+            del os.environ["RAY_GCS_SERVER_PORT"]
+    if not context.address_info["gcs_address"].endswith(f":{port}"):
+        raise RuntimeError(f"Ray started its GCS at {context.address_info['gcs_address']}, not on port {port}")
+    return context
 
 
 def run_prepare(cfg: Config, model_dir: Path, log: Log = print) -> dict[str, Any]:

@@ -20,13 +20,15 @@ def ray_local():
     """One local Ray for the whole session, its dashboard bound to this machine. The dashboard is needed:
     Ray Train V2 frees the workers' placement group of a trial Tune stopped (ASHA) through a cleaner
     that asks the dashboard's state API whether the trial's controller is alive; without it the
-    group's CPUs stay reserved and the next trial's workers never start."""
+    group's CPUs stay reserved and the next trial's workers never start. Started as the pipeline starts
+    its own (`start_local_ray`), so its workers know its address beside another Ray on this machine."""
     import ray
+
+    from ropo_ray.runs import start_local_ray
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
-                 log_to_driver=False)
+        start_local_ray(num_cpus=2, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
 
