@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import benchlib
-from benchlib import load_json, machine_busy_seconds, versions
+from benchlib import load_json, machine_busy_seconds, versions, wait_for_quiet
 
 from ropo_ray.config.training import TrainConfig
 from ropo_ray.train.allocator import worker_env
@@ -401,18 +401,6 @@ def run_side(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-
-
-def wait_for_quiet(args: argparse.Namespace) -> float:
-    """Wait (up to --max-wait s) until the rest of the machine uses under --quiet-cores; returns seconds waited."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < args.max_wait:
-        b0, w0 = machine_busy_seconds(), time.perf_counter()
-        time.sleep(3.0)
-        if (machine_busy_seconds() - b0) / (time.perf_counter() - w0) < args.quiet_cores:
-            break
-        time.sleep(7.0)
-    return time.perf_counter() - t0
 
 
 def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | None = None) -> dict:

@@ -24,6 +24,20 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")  # user nice system, irq softirq steal
 
 
+def wait_for_quiet(args: Any) -> float:
+    """Wait (up to args.max_wait s) until the machine uses under args.quiet_cores; returns seconds waited."""
+    import time
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < args.max_wait:
+        b0, w0 = machine_busy_seconds(), time.perf_counter()
+        time.sleep(3.0)
+        if (machine_busy_seconds() - b0) / (time.perf_counter() - w0) < args.quiet_cores:
+            break
+        time.sleep(7.0)
+    return time.perf_counter() - t0
+
+
 VECTOR_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "avx2", "fma", "asimd", "sve")
 
 

@@ -16,10 +16,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -62,16 +65,61 @@ def read_metrics(path: str | Path | Store) -> list[dict[str, Any]]:
 BLOCK_ROWS = 512
 
 
-def joined_dataset(prepared: str | Path | Store, cache_dir: str | Path | Store, split: str, partitions: int
-                   ) -> tuple[ray.data.Dataset, int]:
+@contextmanager
+def task_based_data_context() -> Iterator[None]:
+    """Ray Data settings for the datasets created inside: tasks, never per-call actors.
+
+    Ray 2.60's defaults start actors for small work, and a new actor is a new process (about 5 s of
+    imports on 2 cores):
+    - its V2 Parquet reader starts 32 footer-reading actors for every read_parquet, whatever the number
+      of files (3.4-5.6 s a read against 0.15-0.2 s for the V1 reader; one 200-pair file). V1 samples a
+      few files' metadata in tasks, which reuse pooled workers;
+    - its SHUFFLE_V2 strategy runs a sort and a repartition through aggregator actors (13.6-14.4 s
+      for both on 20,000 pairs, against 1.2-1.5 s pull-based: a sample, a map and a reduce in tasks).
+    (benchmarks/BENCHMARKS.md, "The join before training".) A dataset copies the current DataContext
+    when it is created, and what is derived from it keeps that copy, so the global one is restored after."""
+    from ray.data.context import ShuffleStrategy
+
+    context = ray.data.DataContext.get_current()
+    previous = context.use_datasource_v2, context.shuffle_strategy
+    context.use_datasource_v2, context.shuffle_strategy = False, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        context.use_datasource_v2, context.shuffle_strategy = previous
+
+
+def _attach_reference(batch: pa.Table, reference: ray.ObjectRef) -> pa.Table:
+    """Prepared pairs with their cached reference log-probs: each pair_id looked up in the broadcast
+    cache columns (read from the object store without a copy). A pair the cache lacks is dropped here
+    and counted by `joined_dataset`."""
+    import pyarrow.compute as pc
+
+    reference = ray.get(reference)
+    where = pc.index_in(batch.column("pair_id"), value_set=reference.column("pair_id"))
+    found = pc.is_valid(where)
+    batch, where = batch.filter(found), where.filter(found)
+    for name in REF_COLUMNS[1:]:
+        batch = batch.append_column(name, reference.column(name).take(where))
+    return batch
+
+
+def joined_dataset(prepared: str | Path | Store, cache_dir: str | Path | Store, split: str,
+                   read_blocks: int | None = None) -> tuple[ray.data.Dataset, int]:
     """Prepared pairs of `split` joined with the cache by pair_id (materialised), and the row count.
 
-    The rows come out in one order whatever the cluster's timing: sorted by pair_id (a content hash,
-    so a pseudo-random order), then split into equal blocks of at most about BLOCK_ROWS rows (a split
-    repartition: sizes from the row count alone), kept in order. A hash join's
-    output order depends on which task finishes first, and the sort's block boundaries on random
-    sampling; both would change the batches (the local shuffle buffer fills block by block), the
-    split between workers, and the position a resumed run skips to.
+    A broadcast join: the cache's pair ids and two log-probs (about 40 bytes a pair, so 40 MB for a
+    million) are read once by the driver, put in the object store, and looked up for each block of the
+    prepared pairs in a map task, so the token ids (most of the bytes) go through no shuffle. It
+    replaced Ray Data's hash join, whose aggregator actors made it 6x slower (BENCHMARKS.md).
+
+    The rows come out in one order whatever the cluster's timing and however the files were read
+    (`read_blocks`): sorted by pair_id (a content hash, so a pseudo-random order; prepare writes one
+    file per dedup bucket, each sorted, so their concatenation is not), then split into equal blocks of at most about
+    BLOCK_ROWS rows (a split repartition: sizes from the row count alone), kept in order; the sort's
+    own block boundaries (random sampling) are undone by the repartition. Both matter: the batches
+    (the local shuffle buffer fills block by block), the split between workers and the position a
+    resumed run skips to follow the blocks.
 
     A pair without a cache entry is an error, never silently dropped from training.
     """
@@ -79,11 +127,14 @@ def joined_dataset(prepared: str | Path | Store, cache_dir: str | Path | Store, 
     parts = prepared.child(split).files(".parquet")
     if not parts:
         return ray.data.from_items([]), 0
-    pairs = ray.data.read_parquet([p.path for p in parts], filesystem=prepared.fs).select_columns(PAIR_COLUMNS)
-    cache = ray.data.read_parquet(part_paths(cache_dir, verify(cache_dir)), filesystem=cache_dir.fs
-                                  ).select_columns(REF_COLUMNS)
+    with task_based_data_context():
+        pairs = ray.data.read_parquet([p.path for p in parts], filesystem=prepared.fs, columns=PAIR_COLUMNS,
+                                      override_num_blocks=read_blocks)
+    reference = pa.concat_tables([pq.read_table(path, columns=REF_COLUMNS, filesystem=cache_dir.fs)
+                                  for path in part_paths(cache_dir, verify(cache_dir))])
     expected = pairs.count()
-    joined = (pairs.join(cache, join_type="inner", num_partitions=partitions, on=("pair_id",))
+    joined = (pairs.map_batches(_attach_reference, fn_kwargs={"reference": ray.put(reference)},
+                                batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
               .sort("pair_id").repartition(max(1, math.ceil(expected / BLOCK_ROWS))))
     joined.context.execution_options.preserve_order = True
     joined = joined.materialize()
@@ -111,9 +162,8 @@ def training_datasets(cfg: Config, cache_dir: str | Path | Store, prepared: str 
     Built once by a driver and handed to every TorchTrainer that trains on them (a sweep's trials
     share one join; Ray Data work launched inside a trial would be held to the trial's tiny bundle).
     """
-    partitions = max(2, cfg.train.num_workers)
-    train_ds, n_train = joined_dataset(prepared, cache_dir, "train", partitions)
-    eval_ds, n_eval = joined_dataset(prepared, cache_dir, "eval", partitions)
+    train_ds, n_train = joined_dataset(prepared, cache_dir, "train")
+    eval_ds, n_eval = joined_dataset(prepared, cache_dir, "eval")
     return {"train": train_ds, "eval": eval_ds, "n_train": n_train, "n_eval": n_eval}
 
 

@@ -1,7 +1,7 @@
 """Same seed and settings, same run: the loss curve repeats bit for bit, on one worker and on two.
 
 What makes it so: the training rows reach the workers in one order whatever the cluster's timing
-(`joined_dataset` sorts the join by pair_id and splits it into blocks sized from the row count, and
+(`joined_dataset` sorts the joined rows by pair_id and splits them into blocks sized from the row count, and
 Ray Data's split between workers is a function of that block sequence), the local shuffle is seeded
 per epoch, every worker runs with the same thread count, and gloo's all-reduce of two ranks is
 exact. Before the join was ordered, two identical runs differed by about 2% in held-out loss after
@@ -12,8 +12,10 @@ A different seed must give a different curve, so the comparison can fail.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from ropo_ray.train.ray_trainer import joined_dataset
@@ -24,19 +26,26 @@ pytestmark = pytest.mark.integration
 SETTINGS = ["train.micro_batch_size=8", "train.max_steps=6", "train.checkpoint_every=100", "train.eval_every=3"]
 
 
-def test_row_order_does_not_depend_on_how_the_join_ran(polite_data):
-    """Joined with 2 or with 5 hash partitions (which puts the rows out of the join in different
-    orders), the training rows come out in the same order and the same blocks."""
+def test_row_order_does_not_depend_on_how_the_join_ran(polite_data, tmp_path):
+    """The fixture's training pairs in three files, in a shuffled order (prepare writes one sorted file
+    per dedup bucket, so several files are not in pair_id order), read as 1 or as 5 blocks (joined in
+    different batches): the training rows come out sorted by pair_id, in the same blocks."""
     root, _, cache_dir = polite_data
+    table = pq.read_table(Path(root) / "data" / "train")
+    order = list(range(table.num_rows))
+    random.Random(0).shuffle(order)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    for i in range(3):
+        pq.write_table(table.take(order[i::3]), tmp_path / "data" / "train" / f"part-{i}.parquet")
     layouts = []
-    for partitions in (2, 5):
-        ds, rows = joined_dataset(Path(root) / "data", cache_dir, "train", partitions)
+    for read_blocks in (1, 5):
+        ds, rows = joined_dataset(tmp_path / "data", cache_dir, "train", read_blocks)
         blocks = [b.column("pair_id").to_pylist() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
         assert sum(len(b) for b in blocks) == rows == 164
         layouts.append(blocks)
     assert layouts[0] == layouts[1]
     flat = [pid for block in layouts[0] for pid in block]
-    assert flat == sorted(flat)
+    assert flat == sorted(table.column("pair_id").to_pylist())
 
 
 def curve(polite_data, tiny_assets, tmp_path, name, overrides):
