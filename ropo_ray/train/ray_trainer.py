@@ -29,7 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ropo_ray.config.schema import Config
 from ropo_ray.fingerprint import training_fingerprint
-from ropo_ray.refcache.store import part_paths, verify
+from ropo_ray.refcache.store import CACHE_SCHEMA, part_paths, verify
 from ropo_ray.storage import Store, store
 from ropo_ray.train.allocator import worker_env
 from ropo_ray.train.checkpoints import CheckpointCorrupt, check_files, file_records, verify_resume_checkpoint
@@ -130,8 +130,9 @@ def joined_dataset(prepared: str | Path | Store, cache_dir: str | Path | Store, 
     with task_based_data_context():
         pairs = ray.data.read_parquet([p.path for p in parts], filesystem=prepared.fs, columns=PAIR_COLUMNS,
                                       override_num_blocks=read_blocks)
-    reference = pa.concat_tables([pq.read_table(path, columns=REF_COLUMNS, filesystem=cache_dir.fs)
-                                  for path in part_paths(cache_dir, verify(cache_dir))])
+    tables = [pq.read_table(path, columns=REF_COLUMNS, filesystem=cache_dir.fs)
+              for path in part_paths(cache_dir, verify(cache_dir))]
+    reference = pa.concat_tables(tables) if tables else CACHE_SCHEMA.empty_table().select(REF_COLUMNS)
     expected = pairs.count()
     joined = (pairs.map_batches(_attach_reference, fn_kwargs={"reference": ray.put(reference)},
                                 batch_format="pyarrow", batch_size=None, zero_copy_batch=True)

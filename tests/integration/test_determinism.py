@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,6 +47,18 @@ def test_row_order_does_not_depend_on_how_the_join_ran(polite_data, tmp_path):
     assert layouts[0] == layouts[1]
     flat = [pid for block in layouts[0] for pid in block]
     assert flat == sorted(table.column("pair_id").to_pylist())
+
+
+def test_a_pair_missing_from_the_cache_stops_the_join(polite_data, tmp_path):
+    """One more training pair than the cache holds: an error counting it, never a silently smaller
+    training set."""
+    root, _, cache_dir = polite_data
+    table = pq.read_table(Path(root) / "data" / "train")
+    extra = table.slice(0, 1).set_column(table.schema.get_field_index("pair_id"), "pair_id", pa.array(["f" * 32]))
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    pq.write_table(pa.concat_tables([table, extra]), tmp_path / "data" / "train" / "part-0.parquet")
+    with pytest.raises(ValueError, match="1 of 165 train pairs have no cached reference log-probs"):
+        joined_dataset(tmp_path / "data", cache_dir, "train")
 
 
 def curve(polite_data, tiny_assets, tmp_path, name, overrides):
