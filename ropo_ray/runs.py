@@ -134,17 +134,17 @@ def start_local_ray(**options: Any) -> Any:
     import ray
 
     port = os.environ.get("RAY_GCS_SERVER_PORT")
-    if not port:
+    chosen = not port
+    if chosen:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = str(probe.getsockname()[1])
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = port
+        os.environ["RAY_GCS_SERVER_PORT"] = port
     try:
         context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
                            runtime_env=address_env(f"127.0.0.1:{port}"), **options)
     finally:
-        if previous is None:
+        if chosen:
             del os.environ["RAY_GCS_SERVER_PORT"]
     if not context.address_info["gcs_address"].endswith(f":{port}"):
         raise RuntimeError(f"Ray started its GCS at {context.address_info['gcs_address']}, not on port {port}")

@@ -69,14 +69,14 @@ BLOCK_ROWS = 512
 def task_based_data_context() -> Iterator[None]:
     """Ray Data settings for the datasets created inside: tasks, never per-call actors.
 
-    Ray 2.60's defaults start actors for small work, and a new actor is a new process (about 5 s of
-    imports on 2 cores):
+    Ray 2.60's defaults start actors for small work, and a new actor is a new process (5-8 s of CPU
+    for its imports on 2 cores):
     - its V2 Parquet reader starts 32 footer-reading actors for every read_parquet, whatever the number
       of files (3.4-5.6 s a read against 0.15-0.2 s for the V1 reader; one 200-pair file). V1 samples a
       few files' metadata in tasks, which reuse pooled workers;
     - its SHUFFLE_V2 strategy runs a sort and a repartition through aggregator actors (13.6-14.4 s
       for both on 20,000 pairs, against 1.2-1.5 s pull-based: a sample, a map and a reduce in tasks).
-    (benchmarks/BENCHMARKS.md, "The join before training".) A dataset copies the current DataContext
+    (benchmarks/BENCHMARKS.md, "Session 11: the join before training".) A dataset copies the current DataContext
     when it is created, and what is derived from it keeps that copy, so the global one is restored after."""
     from ray.data.context import ShuffleStrategy
 
@@ -104,22 +104,32 @@ def _attach_reference(batch: pa.Table, reference: ray.ObjectRef) -> pa.Table:
     return batch
 
 
+def cache_reference(cache_dir: str | Path | Store) -> ray.ObjectRef:
+    """The verified cache's pair ids and two reference log-probs as one table in the object store."""
+    cache_dir = store(cache_dir)
+    tables = [pq.read_table(path, columns=REF_COLUMNS, filesystem=cache_dir.fs)
+              for path in part_paths(cache_dir, verify(cache_dir))]
+    return ray.put(pa.concat_tables(tables) if tables else CACHE_SCHEMA.empty_table().select(REF_COLUMNS))
+
+
 def joined_dataset(prepared: str | Path | Store, cache_dir: str | Path | Store, split: str,
-                   read_blocks: int | None = None) -> tuple[ray.data.Dataset, int]:
+                   read_blocks: int | None = None, reference: ray.ObjectRef | None = None
+                   ) -> tuple[ray.data.Dataset, int]:
     """Prepared pairs of `split` joined with the cache by pair_id (materialised), and the row count.
 
     A broadcast join: the cache's pair ids and two log-probs (about 40 bytes a pair, so 40 MB for a
-    million) are read once by the driver, put in the object store, and looked up for each block of the
-    prepared pairs in a map task, so the token ids (most of the bytes) go through no shuffle. It
-    replaced Ray Data's hash join, whose aggregator actors made it 6x slower (BENCHMARKS.md).
+    million; `reference`, from `cache_reference` when the caller joins several splits) are read once by
+    the driver, put in the object store, and looked up for each block of the prepared pairs in a map
+    task, so the token ids (most of the bytes) go through no shuffle. It replaced Ray Data's hash join,
+    whose aggregator actors made it 6x slower (BENCHMARKS.md).
 
     The rows come out in one order whatever the cluster's timing and however the files were read
     (`read_blocks`): sorted by pair_id (a content hash, so a pseudo-random order; prepare writes one
-    file per dedup bucket, each sorted, so their concatenation is not), then split into equal blocks of at most about
-    BLOCK_ROWS rows (a split repartition: sizes from the row count alone), kept in order; the sort's
-    own block boundaries (random sampling) are undone by the repartition. Both matter: the batches
-    (the local shuffle buffer fills block by block), the split between workers and the position a
-    resumed run skips to follow the blocks.
+    file per dedup bucket, each sorted, so their concatenation is not), then split into equal blocks of
+    at most about BLOCK_ROWS rows (a split repartition: sizes from the row count alone), kept in order;
+    the sort's own block boundaries (random sampling) are undone by the repartition. Both matter: the
+    batches (the local shuffle buffer fills block by block), the split between workers and the position
+    a resumed run skips to follow the blocks.
 
     A pair without a cache entry is an error, never silently dropped from training.
     """
@@ -130,11 +140,9 @@ def joined_dataset(prepared: str | Path | Store, cache_dir: str | Path | Store, 
     with task_based_data_context():
         pairs = ray.data.read_parquet([p.path for p in parts], filesystem=prepared.fs, columns=PAIR_COLUMNS,
                                       override_num_blocks=read_blocks)
-    tables = [pq.read_table(path, columns=REF_COLUMNS, filesystem=cache_dir.fs)
-              for path in part_paths(cache_dir, verify(cache_dir))]
-    reference = pa.concat_tables(tables) if tables else CACHE_SCHEMA.empty_table().select(REF_COLUMNS)
+    reference = cache_reference(cache_dir) if reference is None else reference
     expected = pairs.count()
-    joined = (pairs.map_batches(_attach_reference, fn_kwargs={"reference": ray.put(reference)},
+    joined = (pairs.map_batches(_attach_reference, fn_kwargs={"reference": reference},
                                 batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
               .sort("pair_id").repartition(max(1, math.ceil(expected / BLOCK_ROWS))))
     joined.context.execution_options.preserve_order = True
@@ -163,8 +171,9 @@ def training_datasets(cfg: Config, cache_dir: str | Path | Store, prepared: str 
     Built once by a driver and handed to every TorchTrainer that trains on them (a sweep's trials
     share one join; Ray Data work launched inside a trial would be held to the trial's tiny bundle).
     """
-    train_ds, n_train = joined_dataset(prepared, cache_dir, "train")
-    eval_ds, n_eval = joined_dataset(prepared, cache_dir, "eval")
+    reference = cache_reference(cache_dir)  # verified and read once for both splits
+    train_ds, n_train = joined_dataset(prepared, cache_dir, "train", reference=reference)
+    eval_ds, n_eval = joined_dataset(prepared, cache_dir, "eval", reference=reference)
     return {"train": train_ds, "eval": eval_ds, "n_train": n_train, "n_eval": n_eval}
 
 
