@@ -55,7 +55,8 @@ def engine_settings(cfg: EvalConfig, model_dir: str) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "model_source": model_dir,
         "engine_kwargs": {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "tensor_parallel_size": tp,
-                          "seed": cfg.seed, "enable_prefix_caching": True},
+                          "seed": cfg.seed, "enable_prefix_caching": True,
+                          "enforce_eager": (not cfg.use_gpu) if cfg.enforce_eager is None else cfg.enforce_eager},
         "batch_size": cfg.batch_size,
         "concurrency": cfg.num_engines,
         "placement_group_config": {"bundles": [bundle] * (tp if cfg.use_gpu else 1)},
