@@ -72,8 +72,9 @@ class EvalConfig:
     """CPUs reserved by each vLLM engine on CPU machines."""
     enforce_eager: bool | None = None
     """vLLM's enforce_eager: True runs the model eagerly, False lets vLLM compile it (torch.compile; CUDA
-    graphs on GPU). None: eager on CPU engines, compiled on GPU ones. On CPU compiling costs about a minute
-    per engine start and did not sample measurably faster (benchmarks/BENCHMARKS.md, "Evaluation engines")."""
+    graphs on GPU). None: eager on CPU engines, compiled on GPU ones. On a 2-core CPU an evaluation's
+    sampling of the demo model took 1.35x as long compiled, its samples the same (benchmarks/BENCHMARKS.md,
+    "Evaluation engines run eagerly on CPU")."""
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE of each CPU engine, GiB."""
     max_model_len: int = 256

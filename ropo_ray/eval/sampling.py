@@ -9,8 +9,9 @@ which lower the variance of their paired comparisons.
 Prompts arrive already tokenised by `ropo_ray.data.tokenize.encode_prompt` (the one construction of a
 sequence used in training), so the engine's own tokenizer and chat-template stages are off. On CPU the
 engine's placement group asks for CPUs only (by default it asks for a GPU and waits forever) and its
-metrics export is off (it needs `ray[serve]`): STACK.md item 9. On GPU clusters the same processor
-takes GPU bundles from `eval.use_gpu` / `eval.tensor_parallel_size`.
+metrics export is off (it needs `ray[serve]`): STACK.md item 9. CPU engines run the model eagerly
+(`eval.enforce_eager`: vLLM's torch.compile only lengthens their start here). On GPU clusters the same
+processor takes GPU bundles from `eval.use_gpu` / `eval.tensor_parallel_size` and compiles the model.
 """
 
 from __future__ import annotations
