@@ -412,8 +412,9 @@ def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | Non
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
     t0 = time.perf_counter()
-    inherited = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**inherited, **worker_env(allocator)})
+    inherited = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    env = worker_env(allocator, conf=args.jemalloc_conf)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**inherited, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"side {side} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = load_json(result)
@@ -537,6 +538,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     benchlib.add_quiet_arguments(parser, max_other_cores=0.2)
     parser.add_argument("--ropo-allocator", choices=("system", "jemalloc"), default=TrainConfig().allocator,
                         help="train.allocator of the RoPO sides (default: the config's default)")
+    parser.add_argument("--jemalloc-conf", default=TrainConfig().jemalloc_conf,
+                        help="MALLOC_CONF of the sides on jemalloc (default: train.jemalloc_conf's default)")
     parser.add_argument("--allocator-pass", type=int, default=1,
                         help="1: also measure every side's peak RSS on the other allocator")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))
@@ -565,7 +568,8 @@ def drive(args: argparse.Namespace) -> dict:
                                     versions=versions("torch", "transformers", "peft", "trl", "deepspeed", "ray")),
         "setup": setup, "batch_pairs": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "repeats": args.repeats, "ceilings_flops": ceilings, **summarise(runs, ceilings),
-        "ropo_allocator": args.ropo_allocator, "peak_rss_mib_other_allocator": rss_other,
+        "ropo_allocator": args.ropo_allocator, "jemalloc_conf": args.jemalloc_conf,
+        "peak_rss_mib_other_allocator": rss_other,
         "runs": runs, "total_seconds": time.perf_counter() - t_start,
         "seconds_waiting_for_quiet_machine": sum(r.get("waited_for_quiet_seconds", 0.0) for r in all_runs),
         "seconds_in_side_processes": sum(r["process_seconds"] for r in all_runs),

@@ -11,26 +11,43 @@ Python: the Ray Train worker actors are started with `LD_PRELOAD` in their runti
 finds its own copy (Debian and Ubuntu: `apt-get install libjemalloc2`; the project's setup installs it). A
 node without it starts the worker on glibc's malloc (the loader prints that it ignored the preload); the
 worker then says so (`allocator_warning`), and trains as before.
+
+jemalloc's own options travel the same way, as MALLOC_CONF (`train.jemalloc_conf`). By default the workers
+keep their freed pages (no decay): jemalloc's default returns pages freed for 10 s gradually, starting at
+once, so every step faulted in fresh zeroed pages for activations the previous step had just freed.
 """
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 JEMALLOC = "libjemalloc.so.2"
 
 
-def worker_env(allocator: str, inherited: str = "") -> dict[str, str]:
+def worker_env(allocator: str, inherited: str = "", conf: str = "") -> dict[str, str]:
     """Environment variables that start a worker process on `allocator` ("system" or "jemalloc").
 
     `inherited`: an LD_PRELOAD the workers would otherwise get (kept after jemalloc, which must come first
-    to replace malloc)."""
+    to replace malloc). `conf`: jemalloc's options (MALLOC_CONF; empty: its defaults)."""
     if allocator == "system":
         return {}
     if allocator == "jemalloc":
         others = [lib for lib in inherited.split() if lib and Path(lib).name != JEMALLOC]
-        return {"LD_PRELOAD": " ".join([JEMALLOC, *others])}
+        return {"LD_PRELOAD": " ".join([JEMALLOC, *others]), **({"MALLOC_CONF": conf} if conf else {})}
     raise ValueError(f"train.allocator: unknown allocator {allocator!r} (system, jemalloc)")
+
+
+def jemalloc_option(name: str) -> int | None:
+    """The value of jemalloc's integer-valued option `name` (e.g. "opt.dirty_decay_ms") in this process, read
+    through its `mallctl`; None when jemalloc is not loaded."""
+    if loaded_allocator() != "jemalloc":
+        return None
+    value, size = ctypes.c_ssize_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    mallctl = ctypes.CDLL(None).mallctl  # the preloaded library's symbol, found in the global scope
+    if mallctl(name.encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+        raise ValueError(f"jemalloc has no option {name!r}")
+    return value.value
 
 
 def loaded_allocator(maps: str | None = None) -> str:

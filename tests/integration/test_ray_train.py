@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ropo_ray.config import load_config
+from ropo_ray.config.training import TrainConfig
 from ropo_ray.runs import joined_rows
 from ropo_ray.train.allocator import loaded_allocator
 from ropo_ray.train.model_io import load_model, load_tokenizer
@@ -82,7 +83,8 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_as
     """SIGKILL one training worker's process after the first checkpoint: FailureConfig restarts the group
     from that checkpoint (no fresh start), the run finishes, and its final held-out loss matches an
     uninterrupted run's within 0.02 (data order after a restart may differ, so not bit for bit). The workers
-    run on the allocator asked for: jemalloc mapped into both processes (the runtime env's LD_PRELOAD)."""
+    run on the allocator asked for: jemalloc mapped into both processes (the runtime env's LD_PRELOAD), with
+    train.jemalloc_conf in their environment."""
     common = ["train.num_workers=2", "train.micro_batch_size=8", "train.checkpoint_every=4", "train.max_failures=2",
               "train.allocator=jemalloc"]
     _, clean = run(polite_data, tiny_assets, tmp_path / "clean", common, name="clean")
@@ -98,6 +100,8 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_as
     workers = train_worker_pids()
     assert len(workers) == 2
     assert [loaded_allocator(Path(f"/proc/{pid}/maps").read_text()) for pid in workers] == ["jemalloc"] * 2
+    conf = f"MALLOC_CONF={TrainConfig().jemalloc_conf}".encode()  # jemalloc's options came with it
+    assert all(conf in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in workers)
     os.kill(workers[-1], signal.SIGKILL)
     thread.join(timeout=900)
     result, records = box["result"], read_metrics(log)

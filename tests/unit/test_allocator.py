@@ -8,14 +8,15 @@ import sys
 
 import pytest
 
+from ropo_ray.config.training import TrainConfig
 from ropo_ray.train.allocator import JEMALLOC, allocator_warning, loaded_allocator, worker_env
 
 PROBE = "from ropo_ray.train.allocator import loaded_allocator; print(loaded_allocator())"
 
 
-def run_probe(env: dict[str, str]) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    return subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
+def run_probe(env: dict[str, str], probe: str = PROBE) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    return subprocess.run([sys.executable, "-c", probe], env={**clean, **env}, capture_output=True, text=True,
                           check=True)
 
 
@@ -23,6 +24,9 @@ def test_worker_env_preloads_jemalloc_first_and_keeps_other_preloads():
     assert worker_env("system") == {}
     assert worker_env("system", "/opt/libfoo.so") == {}  # the workers inherit it untouched
     assert worker_env("jemalloc") == {"LD_PRELOAD": "libjemalloc.so.2"}
+    assert worker_env("jemalloc", conf="dirty_decay_ms:-1") == {"LD_PRELOAD": "libjemalloc.so.2",
+                                                                "MALLOC_CONF": "dirty_decay_ms:-1"}
+    assert worker_env("system", conf="dirty_decay_ms:-1") == {}  # glibc has no use for jemalloc's options
     assert worker_env("jemalloc", "/opt/libfoo.so  /usr/lib/x86_64-linux-gnu/libjemalloc.so.2") == {
         "LD_PRELOAD": "libjemalloc.so.2 /opt/libfoo.so"}
     with pytest.raises(ValueError, match="tcmalloc"):
@@ -53,3 +57,15 @@ def test_allocator_warning_names_the_missing_library():
     assert allocator_warning("system", "system") is None
     assert "libjemalloc2" in allocator_warning("jemalloc", "system")
     assert "glibc" in allocator_warning("jemalloc", "system")
+
+
+def test_a_worker_started_with_the_default_conf_keeps_its_freed_pages():
+    """jemalloc reads train.jemalloc_conf from the worker env: decay -1 (never return freed pages) by default,
+    against jemalloc's own 10,000 ms dirty / 0 ms muzzy decay (its documented defaults in 5.3) without it.
+    Read back through jemalloc's mallctl in the started process, not from the env we set."""
+    probe = ("from ropo_ray.train.allocator import jemalloc_option as o; "
+             "print(o('opt.dirty_decay_ms'), o('opt.muzzy_decay_ms'))")
+    conf = TrainConfig().jemalloc_conf
+    assert run_probe(worker_env("jemalloc", conf=conf), probe).stdout.split() == ["-1", "-1"]
+    assert run_probe(worker_env("jemalloc"), probe).stdout.split() == ["10000", "0"]
+    assert run_probe({}, probe).stdout.split() == ["None", "None"]  # glibc: no jemalloc to ask

@@ -40,6 +40,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("model.trust_remote_code=maybe", "model.trust_remote_code: expected true or false"),
         ("task.num_heads=8", "head_dim"),
         ("train.lr", "must look like section.key=value"),
+        ("train.jemalloc_conf=dirty_decay_ms=-1", "train.jemalloc_conf: expected name:value options"),
     ],
 )
 def test_bad_input_names_the_key(override, fragment):
