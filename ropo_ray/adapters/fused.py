@@ -25,8 +25,8 @@ from ropo_ray.adapters.rotation import (
     BandLayout,
     band_chain_backward,
     band_chain_forward,
-    band_widths,
     bf16_flag,
+    kernel_spec,
     pack_coefficients,
 )
 
@@ -37,16 +37,16 @@ class _RotatedLinear(torch.autograd.Function):
                 row_norms: torch.Tensor, bands: tuple[BandLayout, ...], *coefs: torch.Tensor) -> torch.Tensor:
         n, d = weight.shape
         rows = x.reshape(-1, d).contiguous()  # [T, d]
-        packed, widths = pack_coefficients(coefs), band_widths(bands)
+        packed, spec = pack_coefficients(coefs), kernel_spec(bands)
         scale = magnitude.float() / row_norms.float()  # [n] fp32
-        out = torch.mm(band_chain_forward(rows, packed, widths), weight.t())  # [T, n]; R^T x freed here
+        out = torch.mm(band_chain_forward(rows, packed, spec), weight.t())  # [T, n]; R^T x freed here
         out.mul_(scale)
         if bias is not None:
             out.add_(bias)
         out = out.view(*x.shape[:-1], n)
         ctx.save_for_backward(rows, packed, out, scale, weight, row_norms,
                               bias if bias is not None else torch.empty(0))
-        ctx.bands, ctx.widths, ctx.has_bias, ctx.magnitude_dtype = bands, widths, bias is not None, magnitude.dtype
+        ctx.bands, ctx.spec, ctx.has_bias, ctx.magnitude_dtype = bands, spec, bias is not None, magnitude.dtype
         return out
 
     @staticmethod
@@ -65,7 +65,7 @@ class _RotatedLinear(torch.autograd.Function):
                                  bf16_flag(grad_u), grad_scale.data_ptr(), g.shape[0], n, torch.get_num_threads())
         grad_rot = torch.mm(grad_u, weight)  # [T, d]
         del grad_u
-        grad_x, grad_coefs = band_chain_backward(rows, packed, grad_rot, ctx.bands, ctx.widths)
+        grad_x, grad_coefs = band_chain_backward(rows, packed, grad_rot, ctx.bands, ctx.spec)
         grad_m = (grad_scale / row_norms.float()).to(ctx.magnitude_dtype) if ctx.needs_input_grad[3] else None
         return (grad_x.view(grad.shape[:-1] + (rows.shape[-1],)), None, None, grad_m, None, None, *grad_coefs)
 

@@ -87,7 +87,15 @@ def library() -> ctypes.CDLL:
     lib.chain_backward.restype = None
     lib.scale_backward.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, i32, ptr, i64, i64, i32]
     lib.scale_backward.restype = None
+    lib.vector_lanes.argtypes = []
+    lib.vector_lanes.restype = i32
     return lib
+
+
+def vector_lanes() -> int:
+    """Floats per vector of the built kernel (16 with AVX-512, 8 with AVX, 4 otherwise): factors whose block
+    size divides it take the kernel's lane form (rotation.band_layout)."""
+    return library().vector_lanes()
 
 
 def available() -> tuple[bool, str]:

@@ -24,12 +24,12 @@ from ropo_ray.adapters.rotation import (
     apply_rotation,
     apply_rotation_banded,
     band_coefficients,
-    band_layout,
     factor_blocks,
-    factor_layouts,
+    kernel_layouts,
     merge_weight,
     num_skew_params,
     orthogonality_error,
+    shared_factor_layouts,
 )
 
 
@@ -56,7 +56,7 @@ class RoPOLinear(nn.Module):
         self.mixing = mixing
         self.cayley = cayley
         self.neumann_terms = neumann_terms
-        self._layouts = factor_layouts(in_features, self.block_sizes, mixing)
+        self._layouts = shared_factor_layouts(in_features, self.block_sizes, mixing)
         self._layouts_by_device: dict[torch.device, list[FactorLayout]] = {}
         self.kernel = kernel
         self._bands = self._band_layouts(kernel)
@@ -78,14 +78,15 @@ class RoPOLinear(nn.Module):
             return None
         if kernel not in ("auto", "native"):
             raise ValueError(f"adapter.kernel={kernel!r}: expected auto, native or torch")
-        bands = [band_layout(self.in_features, lay) for lay in self._layouts]
+        ok, why = native.available()
+        lanes = native.vector_lanes() if ok else 0
+        bands = kernel_layouts(self.in_features, self.block_sizes, self.mixing, lanes)
         if any(band is None for band in bands):
             if kernel == "native":
                 raise ValueError(f"adapter.kernel=native needs banded factors (mixing shift or none, input "
                                  f"dimension >= 2 * block size - 1); mixing={self.mixing!r}, "
                                  f"block_sizes={self.block_sizes}, in_features={self.in_features}")
             return None
-        ok, why = native.available()
         if not ok:
             if kernel == "native":
                 raise native.KernelUnavailable(f"adapter.kernel=native: {why}")

@@ -22,6 +22,7 @@ identity on the padding (never a silently changed block size).
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -214,21 +215,44 @@ def merge_weight(weight: torch.Tensor, scale: torch.Tensor, blocks: list[torch.T
 # half-width w = b - 1:  (x @ R_(b))[i] = sum_{o=-w..w} x[(i + o) mod d] * c[o + w, i]. Applying the K
 # factors in this form needs no permutation copy and lets one pass over a row (in cache) apply all of
 # them (kernels/band_chain.c). "stride" mixing is not banded: it keeps the block-matmul form above.
+#
+# When b divides the kernel's vector length (a power of two up to 16 floats with AVX-512), the kernel takes
+# the factor in its lane form instead: in the factor's frame (stream position k is coordinate
+# (offset + k) mod d) the blocks are aligned to the vectors, and (x @ R_(b))[k] = sum_{s<b} x[m_s(k)] c[s, k]
+# with m_s(k) = b * (k // b) + (k + s) mod b: b multiply-adds per coordinate instead of the band's 2b - 1.
 
 
 @dataclass(frozen=True)
 class BandLayout:
-    """Where each band coefficient c[k, i] (tap-major, [2w + 1, d]) comes from in the factor's blocks."""
+    """How the kernel applies one factor, and where each coefficient comes from in the factor's blocks.
 
-    width: int
-    index: torch.Tensor  # [2w + 1, d] long: position in blocks.reshape(-1) ([nb, b, b] flattened)
-    mask: torch.Tensor  # [2w + 1, d] 0/1: 1 where row (i + k - w) mod d and column i share a block
-    transpose_index: torch.Tensor  # [2w + 1, d] long: c^T[k, j] = c.reshape(-1)[transpose_index[k, j]]
+    Band form (`lanes` = 0): c[k, i], tap-major [2w + 1, d]. Lane form (`lanes` = b): c[s, k], [b, dp] with dp
+    the dimension rounded up to whole vectors of the kernel (the padding's coefficients are zero)."""
+
+    width: int  # band: half-width w = b - 1; lane form: 0
+    index: torch.Tensor  # long, c's shape: position in blocks.reshape(-1) ([nb, b, b] flattened)
+    mask: torch.Tensor  # c's shape, 0/1: 1 where the coefficient is one of the block's entries
+    transpose_index: torch.Tensor  # c's shape, long: the transposed operator's c^T = c.reshape(-1)[transpose_index]
+    lanes: int = 0  # lane form: the block size b; 0: band form
+    offset: int = 0  # lane form: the factor's shift (stream position k is coordinate (offset + k) mod d)
 
 
-def band_layout(dim: int, layout: FactorLayout) -> BandLayout | None:
-    """The factor as a circulant band of half-width b - 1, or None when it is not one (stride mixing)."""
+def _roll_offset(dim: int, layout: FactorLayout) -> int | None:
+    """o when the factor's permutation is a roll (perm[i] = (i + o) mod d; 0 for none), else None."""
+    if layout.perm is None:
+        return 0
+    offset = int(layout.perm[0])
+    return offset if torch.equal(layout.perm.cpu(), (torch.arange(dim) + offset) % dim) else None
+
+
+def band_layout(dim: int, layout: FactorLayout, lanes: int = 0) -> BandLayout | None:
+    """The factor in the kernel's lane form when its block size divides `lanes` (the kernel's vector length,
+    `native.vector_lanes()`; 0: never), else as a circulant band of half-width b - 1; None when it is neither
+    (stride mixing)."""
     b = layout.block_size
+    offset = _roll_offset(dim, layout)
+    if lanes and offset is not None and lanes % b == 0:
+        return _lane_layout(dim, layout, lanes, offset)
     w = b - 1
     if dim < 2 * w + 1:  # offsets o and o - d would name the same coordinate
         return None
@@ -247,6 +271,37 @@ def band_layout(dim: int, layout: FactorLayout) -> BandLayout | None:
     return BandLayout(w, index, same.float(), transpose_index)
 
 
+def _lane_layout(dim: int, layout: FactorLayout, lanes: int, offset: int) -> BandLayout:
+    """c[s, k] = Q_j[(r + s) mod b, r] for stream position k = j b + r < d (x @ Q: row (r + s) mod b of the
+    block feeds column r); zero where that row is past the tail block's real size, or k >= d."""
+    b = layout.block_size
+    padded = -(-dim // lanes) * lanes
+    k = torch.arange(padded)[None, :]
+    s = torch.arange(b)[:, None]
+    j, r = k // b, k % b
+    source = (r + s) % b  # [b, dp]
+    size = torch.clamp(dim - j * b, max=b)  # the block's real size (the tail block's may be < b)
+    mask = (k < dim) & (source < size)
+    index = torch.where(mask, j * b * b + source * b + r, 0)
+    shuffled = b * j + (k + s) % b  # m_s(k)
+    transpose_index = ((b - s) % b) * padded + shuffled  # c^T[s, k] = c[(b - s) mod b, m_s(k)]
+    return BandLayout(0, index, mask.float(), transpose_index, lanes=b, offset=offset)
+
+
+@functools.cache
+def shared_factor_layouts(dim: int, block_sizes: tuple[int, ...], mixing: Mixing) -> list[FactorLayout]:
+    """`factor_layouts`, computed once per process and shared by every layer of that shape (their index
+    tensors are read, never written)."""
+    return factor_layouts(dim, block_sizes, mixing)
+
+
+@functools.cache
+def kernel_layouts(dim: int, block_sizes: tuple[int, ...], mixing: Mixing, lanes: int) -> list[BandLayout | None]:
+    """The kernel forms of `shared_factor_layouts(dim, block_sizes, mixing)`, shared the same way (a model's
+    forty adapted 640-wide layers held 13 MiB of identical index tensors before)."""
+    return [band_layout(dim, lay, lanes) for lay in shared_factor_layouts(dim, block_sizes, mixing)]
+
+
 def band_coefficients(blocks: torch.Tensor, band: BandLayout) -> torch.Tensor:
     """The factor's band coefficients [2w + 1, d] (fp32) from its orthogonal blocks [nb, b, b]."""
     return blocks.float().reshape(-1)[band.index.to(blocks.device)] * band.mask.to(blocks.device)
@@ -262,35 +317,37 @@ def pack_coefficients(coefs: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> t
     return torch.cat([c.reshape(-1) for c in coefs]).contiguous()
 
 
-def band_widths(bands: tuple[BandLayout, ...]) -> ctypes.Array:
-    return (ctypes.c_int * len(bands))(*[band.width for band in bands])
+def kernel_spec(bands: tuple[BandLayout, ...]) -> ctypes.Array:
+    """The kernel's per-factor (kind, size, offset): (0, w, 0) for a band, (1, b, offset) for the lane form."""
+    spec = [v for band in bands for v in ((1, band.lanes, band.offset) if band.lanes else (0, band.width, 0))]
+    return (ctypes.c_int * len(spec))(*spec)
 
 
-def band_chain_forward(rows: torch.Tensor, packed: torch.Tensor, widths: ctypes.Array) -> torch.Tensor:
+def band_chain_forward(rows: torch.Tensor, packed: torch.Tensor, spec: ctypes.Array) -> torch.Tensor:
     """rows [T, d] (contiguous, float32 or bfloat16) @ R by the native kernel, in rows' dtype."""
     from ropo_ray.adapters.native import library
 
     out = torch.empty_like(rows)
     library().chain_forward(rows.data_ptr(), bf16_flag(rows), out.data_ptr(), bf16_flag(out), packed.data_ptr(),
-                            widths, len(widths), rows.shape[0], rows.shape[1], torch.get_num_threads())
+                            spec, len(spec) // 3, rows.shape[0], rows.shape[1], torch.get_num_threads())
     return out
 
 
 def band_chain_backward(rows: torch.Tensor, packed: torch.Tensor, grad: torch.Tensor, bands: tuple[BandLayout, ...],
-                        widths: ctypes.Array) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Gradients of `band_chain_forward` for rows and for every factor's band coefficients [2w + 1, d]."""
+                        spec: ctypes.Array) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gradients of `band_chain_forward` for rows and for every factor's coefficients (their layouts' shapes)."""
     from ropo_ray.adapters.native import library
 
     d = rows.shape[-1]
     g = grad.reshape(-1, d).contiguous()
-    sizes = [(2 * band.width + 1) * d for band in bands]
+    sizes = [band.index.numel() for band in bands]
     transposed = torch.cat([c[band.transpose_index.reshape(-1)] for c, band in zip(packed.split(sizes), bands)])
     grad_x = torch.empty_like(rows)
     grad_coef = torch.empty_like(packed)
     library().chain_backward(rows.data_ptr(), bf16_flag(rows), g.data_ptr(), bf16_flag(g), grad_x.data_ptr(),
                              bf16_flag(grad_x), packed.data_ptr(), transposed.contiguous().data_ptr(),
-                             grad_coef.data_ptr(), widths, len(bands), rows.shape[0], d, torch.get_num_threads())
-    return grad_x, [gc.reshape(2 * band.width + 1, d) for gc, band in zip(grad_coef.split(sizes), bands)]
+                             grad_coef.data_ptr(), spec, len(bands), rows.shape[0], d, torch.get_num_threads())
+    return grad_x, [gc.reshape(band.index.shape) for gc, band in zip(grad_coef.split(sizes), bands)]
 
 
 class _BandChain(torch.autograd.Function):
@@ -299,16 +356,16 @@ class _BandChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bands: tuple[BandLayout, ...], *coefs: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        packed, widths = pack_coefficients(coefs), band_widths(bands)
-        out = band_chain_forward(rows, packed, widths)
+        packed, spec = pack_coefficients(coefs), kernel_spec(bands)
+        out = band_chain_forward(rows, packed, spec)
         ctx.save_for_backward(rows, packed)
-        ctx.bands, ctx.widths, ctx.shape = bands, widths, x.shape
+        ctx.bands, ctx.spec, ctx.shape = bands, spec, x.shape
         return out.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, packed = ctx.saved_tensors
-        grad_x, grads = band_chain_backward(rows, packed, grad, ctx.bands, ctx.widths)
+        grad_x, grads = band_chain_backward(rows, packed, grad, ctx.bands, ctx.spec)
         return (grad_x.reshape(ctx.shape), None, *grads)
 
 

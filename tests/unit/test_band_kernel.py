@@ -43,14 +43,25 @@ CASES = [  # dim, block sizes, mixing, rows: tails of every loop (d % 16, d % b,
     (30, (4, 8), "none", 5),
     (15, (2, 4), "shift", 3),  # shorter than one vector: scalar loops only
     (100, (2, 4, 8, 16), "shift", 9),
+    (100, (4, 32, 2), "shift", 6),  # with lanes, 32 (wider than any vector) stays a band between lane factors
 ]
 
 
+def kernel_bands(dim, layouts, form):
+    """Every factor in the band form ("band"), or in the lane form where the built kernel's vector length
+    allows ("lanes": the layer's choice)."""
+    lanes = native.vector_lanes() if form == "lanes" else 0
+    return [rot.band_layout(dim, lay, lanes) for lay in layouts]
+
+
+@pytest.mark.parametrize("form", ["band", "lanes"])
 @pytest.mark.parametrize(("dim", "block_sizes", "mixing", "rows"), CASES)
-def test_kernel_value_and_gradients_match_dense_float64(dim, block_sizes, mixing, rows):
+def test_kernel_value_and_gradients_match_dense_float64(dim, block_sizes, mixing, rows, form):
     params, layouts = params_for(dim, block_sizes, mixing)
-    bands = [rot.band_layout(dim, lay) for lay in layouts]
+    bands = kernel_bands(dim, layouts, form)
     assert all(band is not None for band in bands)
+    assert [bool(band.lanes) for band in bands] == [
+        form == "lanes" and native.vector_lanes() % b == 0 for b in block_sizes]
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, rows, dim, generator=gen, requires_grad=True)
     weights = torch.randn(2, rows, dim, generator=gen)
@@ -75,10 +86,11 @@ def test_kernel_value_and_gradients_match_dense_float64(dim, block_sizes, mixing
         assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
 
 
-def test_bfloat16_rows_round_once():
+@pytest.mark.parametrize("form", ["band", "lanes"])
+def test_bfloat16_rows_round_once(form):
     """bf16 in, bf16 out: the result is the float32 result rounded to bf16 (to within one bf16 step)."""
     params, layouts = params_for(64, (2, 4, 8), "shift")
-    bands = [rot.band_layout(64, lay) for lay in layouts]
+    bands = kernel_bands(64, layouts, form)
     blocks = [rot.factor_blocks(p, lay).detach() for p, lay in zip(params, layouts)]
     x = torch.randn(9, 64).bfloat16()
     y = rot.apply_rotation_banded(x, blocks, bands)
@@ -89,10 +101,35 @@ def test_bfloat16_rows_round_once():
 
 def test_stride_mixing_is_not_a_band_and_shift_is():
     assert rot.band_layout(64, rot.factor_layouts(64, (2, 8), "stride")[1]) is None
+    assert rot.band_layout(64, rot.factor_layouts(64, (2, 8), "stride")[1], lanes=16) is None
     band = rot.band_layout(64, rot.factor_layouts(64, (2, 8), "shift")[1])
-    assert band is not None and band.width == 7
+    assert band is not None and band.width == 7 and band.lanes == 0
     # Each column holds exactly its block's 8 coefficients (block-mates within distance 7, wrapping round).
     assert torch.equal(band.mask.sum(0), torch.full((64,), 8.0))
+
+
+def test_lane_form_coefficients_by_hand():
+    """d = 6, one factor of b = 4 shifted by 2, 8 lanes: stream position k is coordinate (2 + k) mod 6, blocks
+    {2, 3, 4, 5} and the tail {0, 1} (size 2 of 4), the stream padded to 8. c[s, k] = Q_j[(r + s) mod 4, r]."""
+    layout = rot.factor_layouts(6, (2, 4), "shift")[1]
+    band = rot.band_layout(6, layout, lanes=8)
+    assert (band.lanes, band.offset, tuple(band.index.shape)) == (4, 2, (4, 8))
+    q = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 4, 4)  # block j's entry (row, col) = 16 j + 4 row + col
+    c = rot.band_coefficients(q, band)
+    assert c[0].tolist() == [0, 5, 10, 15, 16, 21, 0, 0]  # the diagonals; the tail's padding and k >= 6 are zero
+    assert c[1].tolist() == [4, 9, 14, 3, 20, 0, 0, 0]  # row (r + 1) mod 4: block 1's row 2 lies past its size
+    assert c[3].tolist() == [12, 1, 6, 11, 0, 17, 0, 0]
+    # the transposed operator: c^T[s, k] = c[(4 - s) mod 4, m_s(k)], m_1(k) = 4 (k // 4) + (k + 1) mod 4
+    assert band.transpose_index[1].tolist() == [3 * 8 + 1, 3 * 8 + 2, 3 * 8 + 3, 3 * 8 + 0,
+                                                3 * 8 + 5, 3 * 8 + 6, 3 * 8 + 7, 3 * 8 + 4]
+
+
+def test_layers_of_one_shape_share_their_kernel_layouts():
+    a = RoPOLinear(nn.Linear(64, 8), (2, 4, 8), "shift", kernel="native")
+    b = RoPOLinear(nn.Linear(64, 32), (2, 4, 8), "shift", kernel="native")
+    c = RoPOLinear(nn.Linear(48, 8), (2, 4, 8), "shift", kernel="native")
+    assert a._bands is b._bands and a._layouts is b._layouts
+    assert c._bands is not a._bands
 
 
 def test_layer_kernel_setting():
@@ -268,7 +305,8 @@ def test_changing_the_fused_output_in_place_fails_loudly():
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
 def test_kernel_built_for_other_vector_widths_matches_dense(march, tmp_path, monkeypatch):
     """The kernel's vector width follows the target (4 floats for SSE, 8 for AVX2, 16 for AVX-512): built for
-    SSE-only and AVX2 x86-64 it still matches the float64 formula (and the fused layer does too)."""
+    SSE-only and AVX2 x86-64 it still matches the float64 formula in both forms (with 4 lanes the block of 8
+    stays a band beside lane factors of 2 and 4), and the fused layer does too."""
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -277,7 +315,9 @@ def test_kernel_built_for_other_vector_widths_matches_dense(march, tmp_path, mon
     monkeypatch.setenv("ROPO_RAY_KERNEL_MARCH", march)
     native.library.cache_clear()
     try:
-        test_kernel_value_and_gradients_match_dense_float64(37, (2, 4, 8), "shift", 7)
+        assert native.vector_lanes() == {"x86-64": 4, "x86-64-v3": 8}[march]
+        for form in ("band", "lanes"):
+            test_kernel_value_and_gradients_match_dense_float64(37, (2, 4, 8), "shift", 7, form)
         test_fused_layer_value_and_gradients_match_dense_float64(37, 29, True, 7)
         assert len(list(tmp_path.glob("band_chain-*.so"))) == 1
     finally:

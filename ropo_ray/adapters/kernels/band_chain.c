@@ -10,6 +10,16 @@
  * the whole chain runs inside the L1 cache: a row is read once and written once, where the block-matmul
  * form reads and writes the activation three times per factor plus its permutation copies.
  *
+ * The band spends 2b - 1 multiply-adds per coordinate on a block of b, b - 1 of them on zeros. When b divides
+ * the vector length, a factor is applied in the lane form instead: the row is taken in the factor's frame
+ * (stream position k is coordinate (offset + k) mod d, so its blocks are aligned to the vectors) and
+ *
+ *     y[k] = sum_{s=0..b-1} x[m_s(k)] * c[s, k],     m_s(k) = b * (k / b) + (k + s) mod b,
+ *
+ * a lane rotation inside each group of b lanes (one shuffle) and one multiply-add per term: b per coordinate,
+ * the block product itself. c ([b, dp], dp = d rounded up to whole vectors) is gathered from the blocks in
+ * Python like the band's; lanes past d read zeros and are never written back.
+ *
  * Rows may be float32 or bfloat16 (flag per tensor); arithmetic is float32. Threads: OpenMP over rows
  * (the same libgomp torch loads). Built and loaded by ropo_ray/adapters/native.py.
  */
@@ -29,6 +39,13 @@
 #endif
 #define TA 4  /* rows per forward block: each coefficient vector is loaded once for TA rows */
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+
+/* The factor kinds of a chain: spec[3 f .. 3 f + 2] = (kind, size, offset). BAND: size = the half-width w;
+ * LANE: size = the block size b (b divides VL), offset = the factor's shift. */
+enum { BAND = 0, LANE = 1 };
+
+int vector_lanes(void) { return VL; }
 
 static inline vf ldu(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void stu(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -75,16 +92,17 @@ static inline void wrap(float *buf, int64_t d, int w) {
     }
 }
 
-/* Copy nrows rows (stride d) into the padded buffer (stride pw) at offset w, circularly padded. */
-static inline void pad_rows(float *dst, int64_t pw, const float *src, int64_t d, int w, int nrows) {
+/* Copy nrows rows (stride rs) into the padded buffer (stride pw) at offset w, circularly padded. */
+static inline void pad_rows(float *dst, int64_t pw, const float *src, int64_t rs, int64_t d, int w, int nrows) {
     for (int s = 0; s < nrows; s++) {
-        memcpy(dst + s * pw + w, src + s * d, (size_t)d * sizeof(float));
+        memcpy(dst + s * pw + w, src + s * rs, (size_t)d * sizeof(float));
         wrap(dst + s * pw, d, w);
     }
 }
 
-/* out[s][i] = sum_o in[s][i + o] c[o, i] for nrows <= TA rows (in padded by w, stride pw; out stride d). */
-static void band_rows(const float *in, int64_t pw, float *out, const float *c, int64_t d, int w, int nrows) {
+/* out[s][i] = sum_o in[s][i + o] c[o, i] for nrows <= TA rows (in padded by w, stride pw; out stride rs). */
+static void band_rows(const float *in, int64_t pw, float *out, int64_t rs, const float *c, int64_t d, int w,
+                      int nrows) {
     const int taps = 2 * w + 1;
     int64_t i0 = 0;
     if (nrows == TA) {
@@ -95,31 +113,32 @@ static void band_rows(const float *in, int64_t pw, float *out, const float *c, i
                 vf ck = ldu(c + (int64_t)k * d + i0);
                 for (int s = 0; s < TA; s++) a[s] += ldu(in + s * pw + k + i0) * ck;
             }
-            for (int s = 0; s < TA; s++) stu(out + s * d + i0, a[s]);
+            for (int s = 0; s < TA; s++) stu(out + s * rs + i0, a[s]);
         }
     } else {
         for (; i0 + VL <= d; i0 += VL)
             for (int s = 0; s < nrows; s++) {
                 vf a = {0};
                 for (int k = 0; k < taps; k++) a += ldu(in + s * pw + k + i0) * ldu(c + (int64_t)k * d + i0);
-                stu(out + s * d + i0, a);
+                stu(out + s * rs + i0, a);
             }
     }
     for (int s = 0; s < nrows; s++)
         for (int64_t i = i0; i < d; i++) {
             float a = 0.f;
             for (int k = 0; k < taps; k++) a += in[s * pw + i + k] * c[(int64_t)k * d + i];
-            out[s * d + i] = a;
+            out[s * rs + i] = a;
         }
 }
 
-/* acc[k, i] += sum_s h[s][i] * u[s][i + k] for nrows <= TA rows (u padded, stride pw; h stride d). */
-static void band_outer(const float *u, int64_t pw, const float *h, float *acc, int64_t d, int w, int nrows) {
+/* acc[k, i] += sum_s h[s][i] * u[s][i + k] for nrows <= TA rows (u padded, stride pw; h stride rs). */
+static void band_outer(const float *u, int64_t pw, const float *h, int64_t rs, float *acc, int64_t d, int w,
+                       int nrows) {
     const int taps = 2 * w + 1;
     int64_t i0 = 0;
     for (; i0 + VL <= d; i0 += VL) {
         vf hs[TA];
-        for (int s = 0; s < nrows; s++) hs[s] = ldu(h + s * d + i0);
+        for (int s = 0; s < nrows; s++) hs[s] = ldu(h + s * rs + i0);
         for (int k = 0; k < taps; k++) {
             float *ak = acc + (int64_t)k * d + i0;
             vf a = ldu(ak);
@@ -129,37 +148,158 @@ static void band_outer(const float *u, int64_t pw, const float *h, float *acc, i
     }
     for (int64_t i = i0; i < d; i++)
         for (int k = 0; k < taps; k++)
-            for (int s = 0; s < nrows; s++) acc[(int64_t)k * d + i] += h[s * d + i] * u[s * pw + k + i];
+            for (int s = 0; s < nrows; s++) acc[(int64_t)k * d + i] += h[s * rs + i] * u[s * pw + k + i];
 }
 
-static int max_width(const int *widths, int nf) {
+static int64_t padded(int64_t d) { return (d + VL - 1) / VL * VL; }
+
+/* 64-byte aligned memory (aligned_alloc wants a size that is a multiple of the alignment). */
+static void *amalloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* Coefficients of factor f: band [2w + 1, d], lane [b, dp]. */
+static int64_t factor_coefs(const int *spec, int f, int64_t d) {
+    return spec[3 * f] == LANE ? (int64_t)spec[3 * f + 1] * padded(d) : (int64_t)(2 * spec[3 * f + 1] + 1) * d;
+}
+
+static int max_band_width(const int *spec, int nf) {
     int w = 0;
-    for (int f = 0; f < nf; f++) w = widths[f] > w ? widths[f] : w;
+    for (int f = 0; f < nf; f++)
+        if (spec[3 * f] == BAND && spec[3 * f + 1] > w) w = spec[3 * f + 1];
     return w;
 }
 
-/* y = x @ F_1 @ ... @ F_nf, each F_f a band of half-width widths[f] with coefficients at coef + off_f,
- * off_f = d * sum_{g < f} (2 widths[g] + 1). */
-void chain_forward(const void *x, int x_bf16, void *y, int y_bf16, const float *coef, const int *widths, int nf,
+/* The shuffle of term s: lane i of a vector takes lane b * (i / b) + (i + s) mod b (b a power of two <= VL).
+ * Called with constant b and s (unrolled loops), so the mask folds to a constant and the compiler picks the
+ * cheapest shuffle instruction for it. */
+static inline __attribute__((always_inline)) vi lane_mask(const int b, const int s) {
+    vi lane;
+    for (int i = 0; i < VL; i++) lane[i] = i;
+    return (lane & ~(b - 1)) | ((lane + s) & (b - 1));
+}
+
+/* Rows are kept with stride rs = dp + VL: coordinates [0, d), then room for a lane factor's frame. A lane
+ * factor with shift `off` reads and writes its stream position k at row[off + k] (k < dp); row[d .. d + off)
+ * holds coordinates [0, off) while it runs (wrap_in) and is copied back after (wrap_out). Past d + off the
+ * row holds zeros or earlier factors' zero-coefficient outputs: finite values that only meet zero coefficients. */
+static inline void wrap_in(float *rows, int64_t rs, int64_t d, int64_t off, int nrows) {
+    for (int s = 0; s < nrows; s++) memcpy(rows + s * rs + d, rows + s * rs, (size_t)off * sizeof(float));
+}
+
+static inline void wrap_out(float *rows, int64_t rs, int64_t d, int64_t off, int nrows) {
+    for (int s = 0; s < nrows; s++) memcpy(rows + s * rs, rows + s * rs + d, (size_t)off * sizeof(float));
+}
+
+/* On nrows rows (stride rs, from the stream's start): y[k] = sum_s x[m_s(k)] c[s, k], in place (y0 == x0) or
+ * not. B is a compile-time constant at every call (LANE_CASES), so the term loop unrolls, the shuffle masks are
+ * constants and the coefficients stay in registers. */
+static inline __attribute__((always_inline)) void lane_rows_b(const float *x0, float *y0, int64_t rs, int64_t dp,
+                                                             const float *c, int nrows, const int B) {
+    for (int64_t k = 0; k < dp; k += VL) {
+        vf cs[16];
+        for (int s = 0; s < B; s++) cs[s] = ldu(c + (int64_t)s * dp + k);
+        for (int r = 0; r < nrows; r++) {
+            vf x = ldu(x0 + r * rs + k);
+            vf a = x * cs[0];
+            for (int s = 1; s < B; s++) a += __builtin_shuffle(x, lane_mask(B, s)) * cs[s];
+            stu(y0 + r * rs + k, a);
+        }
+    }
+}
+
+/* Backward on nrows rows of the factor's input u and output gradient h (stride rs, from the stream's start):
+ * acc[s, k] += sum_r h[r][k] u[r][m_s(k)], and in place of h the gradient at the factor's input,
+ * sum_s h[m_s(k)] ct[s, k] (ct: the transposed operator's coefficients). Each vector of u, h and ct is loaded
+ * once per block of rows (restrict: the stores into h and acc cannot change them). */
+static inline __attribute__((always_inline)) void lane_back_b(const float *restrict u0, float *restrict h0,
+                                                             int64_t rs, int64_t dp, const float *restrict ct,
+                                                             float *restrict acc, int nrows, const int B) {
+    for (int64_t k = 0; k < dp; k += VL) {
+        vf hv[TA], uv[TA], cts[16];
+        for (int r = 0; r < nrows; r++) {
+            hv[r] = ldu(h0 + r * rs + k);
+            uv[r] = ldu(u0 + r * rs + k);
+        }
+        for (int s = 0; s < B; s++) {
+            vf a = ldu(acc + (int64_t)s * dp + k);
+            for (int r = 0; r < nrows; r++) a += hv[r] * __builtin_shuffle(uv[r], lane_mask(B, s));
+            stu(acc + (int64_t)s * dp + k, a);
+            cts[s] = ldu(ct + (int64_t)s * dp + k);
+        }
+        for (int r = 0; r < nrows; r++) {
+            vf g = hv[r] * cts[0];
+            for (int s = 1; s < B; s++) g += __builtin_shuffle(hv[r], lane_mask(B, s)) * cts[s];
+            stu(h0 + r * rs + k, g);
+        }
+    }
+}
+
+#if VL >= 16
+#define LANE_CASES(CALL) CALL(2) CALL(4) CALL(8) CALL(16)
+#elif VL >= 8
+#define LANE_CASES(CALL) CALL(2) CALL(4) CALL(8)
+#else
+#define LANE_CASES(CALL) CALL(2) CALL(4)
+#endif
+
+/* One lane factor (spec sp) from nrows natural rows x (stride rs) into natural rows y (y == x: in place). */
+static void lane_forward(float *x, float *y, int64_t rs, int64_t d, const float *c, const int *sp, int nrows) {
+    const int64_t off = sp[2], dp = padded(d);
+    wrap_in(x, rs, d, off, nrows);
+    switch (sp[1]) {
+#define FWD(B) case B: lane_rows_b(x + off, y + off, rs, dp, c, nrows, B); break;
+        LANE_CASES(FWD)
+#undef FWD
+    default: abort(); /* Python asks for the lane form only for b dividing VL */
+    }
+    wrap_out(y, rs, d, off, nrows);
+}
+
+/* Backward of lane_forward: u (the factor's input rows, wrapped here) and h (the gradient at its output,
+ * replaced by the gradient at its input), both natural rows of stride rs; acc: its coefficients' gradient. */
+static void lane_backward(float *u, float *h, int64_t rs, int64_t d, const float *ct, float *acc, const int *sp,
+                          int nrows) {
+    const int64_t off = sp[2], dp = padded(d);
+    wrap_in(u, rs, d, off, nrows);
+    wrap_in(h, rs, d, off, nrows);
+    switch (sp[1]) {
+#define BWD(B) case B: lane_back_b(u + off, h + off, rs, dp, ct, acc, nrows, B); break;
+        LANE_CASES(BWD)
+#undef BWD
+    default: abort();
+    }
+    wrap_out(h, rs, d, off, nrows);
+}
+
+/* One factor on nr natural rows in tmp (stride rs), in place. buf: TA padded rows of stride pw (band form). */
+static void factor_forward(float *tmp, int64_t rs, float *buf, int64_t pw, const float *c, const int *sp, int64_t d,
+                           int nr) {
+    if (sp[0] == LANE) {
+        lane_forward(tmp, tmp, rs, d, c, sp, nr);
+        return;
+    }
+    pad_rows(buf, pw, tmp, rs, d, sp[1], nr);
+    band_rows(buf, pw, tmp, rs, c, d, sp[1], nr);
+}
+
+/* y = x @ F_1 @ ... @ F_nf; factor f's coefficients at coef + sum_{g < f} factor_coefs(g). */
+void chain_forward(const void *x, int x_bf16, void *y, int y_bf16, const float *coef, const int *spec, int nf,
                    int64_t rows, int64_t d, int threads) {
-    const int wm = max_width(widths, nf);
-    const int64_t pw = d + 2 * wm;
+    const int64_t pw = d + 2 * max_band_width(spec, nf), rs = padded(d) + VL;
 #pragma omp parallel num_threads(threads)
     {
-        float *buf = (float *)malloc((size_t)TA * pw * sizeof(float));
-        float *tmp = (float *)malloc((size_t)TA * d * sizeof(float));
+        float *buf = (float *)amalloc((size_t)TA * pw * sizeof(float));
+        float *tmp = (float *)amalloc((size_t)TA * rs * sizeof(float));
+        memset(tmp, 0, (size_t)TA * rs * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t t0 = 0; t0 < rows; t0 += TA) {
             const int nr = rows - t0 < TA ? (int)(rows - t0) : TA;
-            for (int s = 0; s < nr; s++) load_row(x, x_bf16, t0 + s, d, tmp + s * d);
+            for (int s = 0; s < nr; s++) load_row(x, x_bf16, t0 + s, d, tmp + s * rs);
             const float *c = coef;
             for (int f = 0; f < nf; f++) {
-                const int w = widths[f];
-                pad_rows(buf, pw, tmp, d, w, nr);
-                band_rows(buf, pw, tmp, c, d, w, nr);
-                c += (int64_t)(2 * w + 1) * d;
+                factor_forward(tmp, rs, buf, pw, c, spec + 3 * f, d, nr);
+                c += factor_coefs(spec, f, d);
             }
-            for (int s = 0; s < nr; s++) store_row(y, y_bf16, t0 + s, d, tmp + s * d);
+            for (int s = 0; s < nr; s++) store_row(y, y_bf16, t0 + s, d, tmp + s * rs);
         }
         free(buf);
         free(tmp);
@@ -167,43 +307,61 @@ void chain_forward(const void *x, int x_bf16, void *y, int y_bf16, const float *
 }
 
 /* Backward of chain_forward. g = dL/dy. Writes gx = dL/dx and gcoef = dL/dcoef (same layout as coef).
- * Rows go TA at a time. coef_t holds each factor's transposed band: coef_t_f[k, j] = coef_f[2w - k, (j + k - w) mod d], so
- * h @ F_f^T is the same band product with coef_t_f. Inputs of every factor are recomputed, not saved. */
+ * Rows go TA at a time. coef_t holds each factor's transposed operator in its own form: band
+ * coef_t_f[k, j] = coef_f[2w - k, (j + k - w) mod d]; lane coef_t_f[s, k] = coef_f[(b - s) mod b, m_s(k)].
+ * The inputs of every factor are recomputed, not saved: a band factor's padded (stride pw), a lane
+ * factor's as natural rows (stride rs), written there by the factor before it (no copy). */
 void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *gx, int gx_bf16, const float *coef,
-                    const float *coef_t, float *gcoef, const int *widths, int nf, int64_t rows, int64_t d,
+                    const float *coef_t, float *gcoef, const int *spec, int nf, int64_t rows, int64_t d,
                     int threads) {
-    const int wm = max_width(widths, nf);
-    const int64_t pw = d + 2 * wm;
+    const int64_t pw = d + 2 * max_band_width(spec, nf), rs = padded(d) + VL, row = pw > rs ? pw : rs;
     int64_t ncoef = 0;
-    for (int f = 0; f < nf; f++) ncoef += (int64_t)(2 * widths[f] + 1) * d;
+    for (int f = 0; f < nf; f++) ncoef += factor_coefs(spec, f, d);
     memset(gcoef, 0, (size_t)ncoef * sizeof(float));
 #pragma omp parallel num_threads(threads)
     {
-        float *u = (float *)malloc((size_t)nf * TA * pw * sizeof(float)); /* padded inputs of each factor */
-        float *h = (float *)malloc((size_t)TA * pw * sizeof(float));      /* padded gradient at an output */
-        float *tmp = (float *)malloc((size_t)TA * d * sizeof(float));
+        float *u = (float *)amalloc((size_t)nf * TA * row * sizeof(float)); /* each factor's input */
+        float *h = (float *)amalloc((size_t)TA * pw * sizeof(float));       /* a band factor's padded gradient */
+        float *tmp = (float *)amalloc((size_t)TA * rs * sizeof(float));
         float *acc = (float *)calloc((size_t)ncoef, sizeof(float));
+        memset(u, 0, (size_t)nf * TA * row * sizeof(float));
+        memset(tmp, 0, (size_t)TA * rs * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t t0 = 0; t0 < rows; t0 += TA) {
             const int nr = rows - t0 < TA ? (int)(rows - t0) : TA;
-            for (int s = 0; s < nr; s++) load_row(x, x_bf16, t0 + s, d, tmp + s * d);
+            /* factor f's natural input: its saved rows when it is a lane factor, else tmp */
+#define NATURAL_IN(f) (spec[3 * (f)] == LANE ? u + (int64_t)(f) * TA * row : tmp)
+            float *in = NATURAL_IN(0);
+            for (int s = 0; s < nr; s++) load_row(x, x_bf16, t0 + s, d, in + s * rs);
             const float *c = coef;
             for (int f = 0; f < nf; f++) {
-                float *uf = u + (int64_t)f * TA * pw;
-                pad_rows(uf, pw, tmp, d, widths[f], nr);
-                if (f + 1 < nf) band_rows(uf, pw, tmp, c, d, widths[f], nr);
-                c += (int64_t)(2 * widths[f] + 1) * d;
+                const int *sp = spec + 3 * f;
+                float *uf = u + (int64_t)f * TA * row, *next = f + 1 < nf ? NATURAL_IN(f + 1) : NULL;
+                if (sp[0] == BAND) {
+                    pad_rows(uf, pw, in, rs, d, sp[1], nr);
+                    if (next) band_rows(uf, pw, next, rs, c, d, sp[1], nr);
+                } else if (next) {
+                    lane_forward(in, next, rs, d, c, sp, nr);
+                }
+                in = next;
+                c += factor_coefs(spec, f, d);
             }
-            for (int s = 0; s < nr; s++) load_row(g, g_bf16, t0 + s, d, tmp + s * d);
+#undef NATURAL_IN
+            for (int s = 0; s < nr; s++) load_row(g, g_bf16, t0 + s, d, tmp + s * rs);
             int64_t off = ncoef;
             for (int f = nf - 1; f >= 0; f--) {
-                const int w = widths[f];
-                off -= (int64_t)(2 * w + 1) * d;
-                band_outer(u + (int64_t)f * TA * pw, pw, tmp, acc + off, d, w, nr); /* dL/dc[k, i] */
-                pad_rows(h, pw, tmp, d, w, nr);
-                band_rows(h, pw, tmp, coef_t + off, d, w, nr); /* gradient at the factor's input */
+                const int *sp = spec + 3 * f;
+                float *uf = u + (int64_t)f * TA * row;
+                off -= factor_coefs(spec, f, d);
+                if (sp[0] == BAND) {
+                    band_outer(uf, pw, tmp, rs, acc + off, d, sp[1], nr); /* dL/dc[k, i] */
+                    pad_rows(h, pw, tmp, rs, d, sp[1], nr);
+                    band_rows(h, pw, tmp, rs, coef_t + off, d, sp[1], nr); /* gradient at the factor's input */
+                } else {
+                    lane_backward(uf, tmp, rs, d, coef_t + off, acc + off, sp, nr);
+                }
             }
-            for (int s = 0; s < nr; s++) store_row(gx, gx_bf16, t0 + s, d, tmp + s * d);
+            for (int s = 0; s < nr; s++) store_row(gx, gx_bf16, t0 + s, d, tmp + s * rs);
         }
 #pragma omp critical
         for (int64_t i = 0; i < ncoef; i++) gcoef[i] += acc[i];
