@@ -27,17 +27,16 @@ from ropo_ray.adapters.rotation import (
     band_chain_forward,
     bf16_flag,
     kernel_spec,
-    pack_coefficients,
 )
 
 
 class _RotatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, magnitude: torch.Tensor,
-                row_norms: torch.Tensor, bands: tuple[BandLayout, ...], *coefs: torch.Tensor) -> torch.Tensor:
+                row_norms: torch.Tensor, bands: tuple[BandLayout, ...], packed: torch.Tensor) -> torch.Tensor:
         n, d = weight.shape
         rows = x.reshape(-1, d).contiguous()  # [T, d]
-        packed, spec = pack_coefficients(coefs), kernel_spec(bands)
+        packed, spec = packed.contiguous(), kernel_spec(bands)
         scale = magnitude.float() / row_norms.float()  # [n] fp32
         out = torch.mm(band_chain_forward(rows, packed, spec), weight.t())  # [T, n]; R^T x freed here
         out.mul_(scale)
@@ -65,12 +64,13 @@ class _RotatedLinear(torch.autograd.Function):
                                  bf16_flag(grad_u), grad_scale.data_ptr(), g.shape[0], n, torch.get_num_threads())
         grad_rot = torch.mm(grad_u, weight)  # [T, d]
         del grad_u
-        grad_x, grad_coefs = band_chain_backward(rows, packed, grad_rot, ctx.bands, ctx.spec)
+        grad_x, grad_packed = band_chain_backward(rows, packed, grad_rot, ctx.bands, ctx.spec)
         grad_m = (grad_scale / row_norms.float()).to(ctx.magnitude_dtype) if ctx.needs_input_grad[3] else None
-        return (grad_x.view(grad.shape[:-1] + (rows.shape[-1],)), None, None, grad_m, None, None, *grad_coefs)
+        return (grad_x.view(grad.shape[:-1] + (rows.shape[-1],)), None, None, grad_m, None, None, grad_packed)
 
 
 def rotated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, magnitude: torch.Tensor,
-                   row_norms: torch.Tensor, coefs: list[torch.Tensor], bands: list[BandLayout]) -> torch.Tensor:
-    """s * (W (x @ R)) + b for CPU x [..., d] (float32 / bfloat16), R given by its factors' band coefficients."""
-    return _RotatedLinear.apply(x, weight, bias, magnitude, row_norms, tuple(bands), *coefs)
+                   row_norms: torch.Tensor, packed: torch.Tensor, bands: list[BandLayout]) -> torch.Tensor:
+    """s * (W (x @ R)) + b for CPU x [..., d] (float32 / bfloat16), R given by its factors' kernel coefficients,
+    packed (rotation.pack_coefficients)."""
+    return _RotatedLinear.apply(x, weight, bias, magnitude, row_norms, tuple(bands), packed)

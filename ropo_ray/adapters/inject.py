@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ropo_ray.adapters.ropo_linear import RoPOLinear
+from ropo_ray.adapters.ropo_linear import RoPOLinear, release_untracked, share_rotations
 from ropo_ray.config.schema import AdapterConfig
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject_ropo(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Freeze every weight, wrap each matching `nn.Linear` in a RoPOLinear; return the wrapped names.
 
-    Raises when no module matches, since an adapter that adapts nothing trains nothing.
+    Raises when no module matches, since an adapter that adapts nothing trains nothing. Each forward of `model`
+    computes the rotations of all its layers together first (ropo_linear.share_rotations).
     """
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and name_matches(n, cfg.target_modules)]
@@ -41,6 +42,10 @@ def inject_ropo(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         wrapped = RoPOLinear(base, cfg.block_sizes, cfg.mixing, cfg.cayley, cfg.neumann_terms, cfg.learn_magnitude,
                              cfg.kernel)
         _set_submodule(model, name, wrapped)
+    if not getattr(model, "_ropo_shares_rotations", False):  # one batched rotation computation per forward
+        model.register_forward_pre_hook(lambda module, _args: share_rotations(list(ropo_layers(module).values())))
+        model.register_forward_hook(lambda module, _args, _out: release_untracked(list(ropo_layers(module).values())))
+        model._ropo_shares_rotations = True
     native_layers = sum(model.get_submodule(n).uses_native_kernel for n in names)
     if cfg.kernel == "auto" and native_layers < len(names):
         from ropo_ray.adapters import native

@@ -83,7 +83,7 @@ def library() -> ctypes.CDLL:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.chain_forward.argtypes = [ptr, i32, ptr, i32, ptr, ptr, i32, i64, i64, i32]
     lib.chain_forward.restype = None
-    lib.chain_backward.argtypes = [ptr, i32, ptr, i32, ptr, i32, ptr, ptr, ptr, ptr, i32, i64, i64, i32]
+    lib.chain_backward.argtypes = [ptr, i32, ptr, i32, ptr, i32, ptr, ptr, ptr, i32, i64, i64, i32]
     lib.chain_backward.restype = None
     lib.scale_backward.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, i32, ptr, i64, i64, i32]
     lib.scale_backward.restype = None

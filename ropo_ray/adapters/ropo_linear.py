@@ -29,6 +29,7 @@ from ropo_ray.adapters.rotation import (
     merge_weight,
     num_skew_params,
     orthogonality_error,
+    pack_coefficients,
     shared_factor_layouts,
 )
 
@@ -66,6 +67,7 @@ class RoPOLinear(nn.Module):
         self.register_buffer("row_norms", norms, persistent=False)
         self.magnitude = nn.Parameter(norms.clone(), requires_grad=learn_magnitude)
         self.disabled = False  # True: compute the frozen base alone (the reference policy; see train/probe.py)
+        self._shared: tuple[torch.Tensor, tuple[int, ...]] | None = None  # share_rotations' result, versions
         self.fuse = True  # False: the composed ops even where fused.py applies (for tests and benchmarks)
         self.rotation = nn.ParameterList(
             nn.Parameter(torch.zeros(lay.num_blocks, num_skew_params(lay.block_size), device=weight.device))
@@ -128,9 +130,8 @@ class RoPOLinear(nn.Module):
             return self.base(x)
         banded = self._bands is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
         if banded and self._fusable(x):
-            coefs = [band_coefficients(q, band) for q, band in zip(self.blocks(), self._bands)]
-            return rotated_linear(x, self.base.weight, self.base.bias, self.magnitude, self.row_norms, coefs,
-                                  self._bands)  # one pass fewer over the output each way (fused.py)
+            return rotated_linear(x, self.base.weight, self.base.bias, self.magnitude, self.row_norms,
+                                  self.coefficients(), self._bands)  # one pass fewer over the output each way
         if banded:
             x_rot = apply_rotation_banded(x, self.blocks(), self._bands)  # [..., d] = x @ R
         else:
@@ -141,6 +142,29 @@ class RoPOLinear(nn.Module):
         if self.base.bias is None:
             return y * s
         return y * s + (1 - s) * self.base.bias  # = s * (W R^T x) + b
+
+    def coefficients(self) -> torch.Tensor:
+        """The kernel's packed coefficients of R: those `share_rotations` computed for this model forward when
+        they still match the parameters, else computed here."""
+        shared = self._shared
+        if shared is not None and shared[1] == self._versions() and (shared[0].requires_grad or not (
+                torch.is_grad_enabled() and any(p.requires_grad for p in self.rotation))):
+            return shared[0]
+        return pack_coefficients([band_coefficients(q, band) for q, band in zip(self.blocks(), self._bands)])
+
+    def _versions(self) -> tuple[int, ...]:
+        """The rotation parameters' version counters (an in-place update, e.g. an optimizer step, bumps them)."""
+        return tuple(p._version for p in self.rotation)
+
+    def _shareable(self) -> tuple | None:
+        """The key of layers whose coefficients one batched computation gives (same layouts, method and
+        parameter dtype and device), or None when this layer computes its own: no native kernel, or parameters
+        partitioned by ZeRO-3 (gathered only inside the layer's own forward)."""
+        if self._bands is None or self.disabled or any(hasattr(p, "ds_id") for p in self.rotation):
+            return None
+        first = self.rotation[0]
+        return (self.in_features, self.block_sizes, self.mixing, self.cayley, self.neumann_terms, first.dtype,
+                first.device, id(self._bands))
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """The fused CPU function applies: `fuse` is on, the weight is a plain CPU tensor of x's dtype (a
@@ -179,3 +203,46 @@ class RoPOLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, block_sizes={self.block_sizes}, "
                 f"mixing={self.mixing}, cayley={self.cayley}, kernel={'native' if self._bands else 'torch'}")
+
+
+def share_rotations(layers: list[RoPOLinear]) -> None:
+    """Compute the kernel coefficients of many layers at once, one batched computation per group of layers with
+    the same layouts (`_shareable`), and hand each layer its row (`RoPOLinear.coefficients`).
+
+    A layer's rotation parameters go through ~30 small tensor ops (skew matrices, Cayley solves, gathers) and
+    as many in the backward, a cost per layer and step that does not shrink with the batch; stacked, a group
+    pays it once. Gradients reach each layer's parameters through the stack.
+
+    The coefficients serve one model forward, and the recomputation of its checkpointed layers in the backward
+    (which must see the very tensors the forward used). A group's coefficients are dropped when their gradient
+    arrives (the backward has then passed every layer and frees their graph), or after the forward when they
+    carry no graph (`release_untracked`); a layer whose parameters changed since computes its own.
+    """
+    groups: dict[tuple, list[RoPOLinear]] = {}
+    for layer in layers:
+        key = layer._shareable()
+        if key is not None:
+            groups.setdefault(key, []).append(layer)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        first, count = group[0], len(group)
+        coefs = [band_coefficients(factor_blocks(torch.stack([layer.rotation[f] for layer in group]), layout,
+                                                 first.cayley, first.neumann_terms), band)
+                 for f, (layout, band) in enumerate(zip(first.layouts(first.rotation[0].device), first._bands))]
+        packed = pack_coefficients(coefs, layers=count)  # [L, ncoef]
+        if packed.requires_grad:
+            packed.register_hook(lambda _grad, group=group: release(group))
+        for layer, row in zip(group, packed.unbind(0)):
+            layer._shared = (row, layer._versions())
+
+
+def release(layers: list[RoPOLinear]) -> None:
+    """Drop the layers' shared coefficients."""
+    for layer in layers:
+        layer._shared = None
+
+
+def release_untracked(layers: list[RoPOLinear]) -> None:
+    """After a model forward: drop shared coefficients that carry no graph (no backward will come for them)."""
+    release([layer for layer in layers if layer._shared is not None and not layer._shared[0].requires_grad])

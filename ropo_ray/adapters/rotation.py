@@ -38,11 +38,10 @@ def num_skew_params(block_size: int) -> int:
 
 
 def skew_from_params(params: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[nb, b(b-1)/2] -> [nb, b, b] skew-symmetric S (S^T = -S), upper triangle from params."""
-    nb = params.shape[0]
+    """[..., nb, b(b-1)/2] -> [..., nb, b, b] skew-symmetric S (S^T = -S), upper triangle from params."""
     rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=params.device)
-    upper = params.new_zeros(nb, block_size, block_size)
-    upper[:, rows, cols] = params
+    upper = params.new_zeros(*params.shape[:-1], block_size, block_size)
+    upper[..., rows, cols] = params
     return upper - upper.transpose(-1, -2)
 
 
@@ -142,7 +141,8 @@ def factor_layouts(dim: int, block_sizes: tuple[int, ...], mixing: Mixing) -> li
 
 
 def factor_blocks(params: torch.Tensor, layout: FactorLayout, method: str = "exact", terms: int = 5) -> torch.Tensor:
-    """Skew parameters [nb, b(b-1)/2] -> orthogonal blocks [nb, b, b] (fp32)."""
+    """Skew parameters [..., nb, b(b-1)/2] -> orthogonal blocks [..., nb, b, b] (fp32); leading dimensions batch
+    several layers of the same layout."""
     if layout.mask is not None:
         params = params * layout.mask.to(params.device, params.dtype)
     skew = skew_from_params(params.float(), layout.block_size)
@@ -232,7 +232,6 @@ class BandLayout:
     width: int  # band: half-width w = b - 1; lane form: 0
     index: torch.Tensor  # long, c's shape: position in blocks.reshape(-1) ([nb, b, b] flattened)
     mask: torch.Tensor  # c's shape, 0/1: 1 where the coefficient is one of the block's entries
-    transpose_index: torch.Tensor  # c's shape, long: the transposed operator's c^T = c.reshape(-1)[transpose_index]
     lanes: int = 0  # lane form: the block size b; 0: band form
     offset: int = 0  # lane form: the factor's shift (stream position k is coordinate (offset + k) mod d)
 
@@ -266,9 +265,7 @@ def band_layout(dim: int, layout: FactorLayout, lanes: int = 0) -> BandLayout | 
     if not torch.equal(same.sum(0), members):  # some block-mate lies further than w away: not a band
         return None
     index = torch.where(same, (q // b) * b * b + (q % b) * b + (p % b), 0)
-    taps = torch.arange(2 * w + 1)[:, None]
-    transpose_index = (2 * w - taps) * dim + (cols + taps - w) % dim
-    return BandLayout(w, index, same.float(), transpose_index)
+    return BandLayout(w, index, same.float())
 
 
 def _lane_layout(dim: int, layout: FactorLayout, lanes: int, offset: int) -> BandLayout:
@@ -283,9 +280,7 @@ def _lane_layout(dim: int, layout: FactorLayout, lanes: int, offset: int) -> Ban
     size = torch.clamp(dim - j * b, max=b)  # the block's real size (the tail block's may be < b)
     mask = (k < dim) & (source < size)
     index = torch.where(mask, j * b * b + source * b + r, 0)
-    shuffled = b * j + (k + s) % b  # m_s(k)
-    transpose_index = ((b - s) % b) * padded + shuffled  # c^T[s, k] = c[(b - s) mod b, m_s(k)]
-    return BandLayout(0, index, mask.float(), transpose_index, lanes=b, offset=offset)
+    return BandLayout(0, index, mask.float(), lanes=b, offset=offset)
 
 
 @functools.cache
@@ -303,8 +298,10 @@ def kernel_layouts(dim: int, block_sizes: tuple[int, ...], mixing: Mixing, lanes
 
 
 def band_coefficients(blocks: torch.Tensor, band: BandLayout) -> torch.Tensor:
-    """The factor's band coefficients [2w + 1, d] (fp32) from its orthogonal blocks [nb, b, b]."""
-    return blocks.float().reshape(-1)[band.index.to(blocks.device)] * band.mask.to(blocks.device)
+    """The factor's kernel coefficients (fp32, the layout's shape) from its orthogonal blocks [nb, b, b]; blocks
+    [L, nb, b, b] of L layers give [L, *shape]."""
+    flat = blocks.float().reshape(*blocks.shape[:-3], -1)
+    return flat[..., band.index.to(blocks.device)] * band.mask.to(blocks.device)
 
 
 def bf16_flag(t: torch.Tensor) -> int:
@@ -312,8 +309,11 @@ def bf16_flag(t: torch.Tensor) -> int:
     return int(t.dtype == torch.bfloat16)
 
 
-def pack_coefficients(coefs: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
-    """Every factor's band coefficients, concatenated in factor order (the kernel's layout)."""
+def pack_coefficients(coefs: tuple[torch.Tensor, ...] | list[torch.Tensor], layers: int = 0) -> torch.Tensor:
+    """Every factor's kernel coefficients, concatenated in factor order (the kernel's layout): [ncoef]; with
+    `layers` = L > 0, coefficients [L, ...] of L layers give one row per layer, [L, ncoef]."""
+    if layers:
+        return torch.cat([c.reshape(layers, -1) for c in coefs], dim=1).contiguous()
     return torch.cat([c.reshape(-1) for c in coefs]).contiguous()
 
 
@@ -334,20 +334,24 @@ def band_chain_forward(rows: torch.Tensor, packed: torch.Tensor, spec: ctypes.Ar
 
 
 def band_chain_backward(rows: torch.Tensor, packed: torch.Tensor, grad: torch.Tensor, bands: tuple[BandLayout, ...],
-                        spec: ctypes.Array) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Gradients of `band_chain_forward` for rows and for every factor's coefficients (their layouts' shapes)."""
+                        spec: ctypes.Array) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `band_chain_forward` for rows and for the packed coefficients (packed like them)."""
     from ropo_ray.adapters.native import library
 
     d = rows.shape[-1]
     g = grad.reshape(-1, d).contiguous()
-    sizes = [band.index.numel() for band in bands]
-    transposed = torch.cat([c[band.transpose_index.reshape(-1)] for c, band in zip(packed.split(sizes), bands)])
     grad_x = torch.empty_like(rows)
     grad_coef = torch.empty_like(packed)
     library().chain_backward(rows.data_ptr(), bf16_flag(rows), g.data_ptr(), bf16_flag(g), grad_x.data_ptr(),
-                             bf16_flag(grad_x), packed.data_ptr(), transposed.contiguous().data_ptr(),
-                             grad_coef.data_ptr(), spec, len(bands), rows.shape[0], d, torch.get_num_threads())
-    return grad_x, [gc.reshape(band.index.shape) for gc, band in zip(grad_coef.split(sizes), bands)]
+                             bf16_flag(grad_x), packed.data_ptr(), grad_coef.data_ptr(), spec, len(bands),
+                             rows.shape[0], d, torch.get_num_threads())
+    return grad_x, grad_coef
+
+
+def unpack_coefficients(packed: torch.Tensor, bands: tuple[BandLayout, ...]) -> list[torch.Tensor]:
+    """The inverse of `pack_coefficients` for one layer: each factor's coefficients in its layout's shape."""
+    sizes = [band.index.numel() for band in bands]
+    return [c.reshape(band.index.shape) for c, band in zip(packed.split(sizes), bands)]
 
 
 class _BandChain(torch.autograd.Function):
@@ -365,8 +369,8 @@ class _BandChain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, packed = ctx.saved_tensors
-        grad_x, grads = band_chain_backward(rows, packed, grad, ctx.bands, ctx.spec)
-        return (grad_x.reshape(ctx.shape), None, *grads)
+        grad_x, grad_packed = band_chain_backward(rows, packed, grad, ctx.bands, ctx.spec)
+        return (grad_x.reshape(ctx.shape), None, *unpack_coefficients(grad_packed, ctx.bands))
 
 
 def apply_rotation_banded(x: torch.Tensor, blocks: list[torch.Tensor], bands: list[BandLayout]) -> torch.Tensor:

@@ -119,9 +119,6 @@ def test_lane_form_coefficients_by_hand():
     assert c[0].tolist() == [0, 5, 10, 15, 16, 21, 0, 0]  # the diagonals; the tail's padding and k >= 6 are zero
     assert c[1].tolist() == [4, 9, 14, 3, 20, 0, 0, 0]  # row (r + 1) mod 4: block 1's row 2 lies past its size
     assert c[3].tolist() == [12, 1, 6, 11, 0, 17, 0, 0]
-    # the transposed operator: c^T[s, k] = c[(4 - s) mod 4, m_s(k)], m_1(k) = 4 (k // 4) + (k + 1) mod 4
-    assert band.transpose_index[1].tolist() == [3 * 8 + 1, 3 * 8 + 2, 3 * 8 + 3, 3 * 8 + 0,
-                                                3 * 8 + 5, 3 * 8 + 6, 3 * 8 + 7, 3 * 8 + 4]
 
 
 def test_layers_of_one_shape_share_their_kernel_layouts():

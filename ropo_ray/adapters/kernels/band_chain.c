@@ -173,6 +173,7 @@ static int max_band_width(const int *spec, int nf) {
  * cheapest shuffle instruction for it. */
 static inline __attribute__((always_inline)) vi lane_mask(const int b, const int s) {
     vi lane;
+#pragma GCC unroll 16
     for (int i = 0; i < VL; i++) lane[i] = i;
     return (lane & ~(b - 1)) | ((lane + s) & (b - 1));
 }
@@ -196,10 +197,13 @@ static inline __attribute__((always_inline)) void lane_rows_b(const float *x0, f
                                                              const float *c, int nrows, const int B) {
     for (int64_t k = 0; k < dp; k += VL) {
         vf cs[16];
+#pragma GCC unroll 16
         for (int s = 0; s < B; s++) cs[s] = ldu(c + (int64_t)s * dp + k);
+#pragma GCC unroll 4
         for (int r = 0; r < nrows; r++) {
             vf x = ldu(x0 + r * rs + k);
             vf a = x * cs[0];
+#pragma GCC unroll 16
             for (int s = 1; s < B; s++) a += __builtin_shuffle(x, lane_mask(B, s)) * cs[s];
             stu(y0 + r * rs + k, a);
         }
@@ -214,19 +218,24 @@ static inline __attribute__((always_inline)) void lane_back_b(const float *restr
                                                              int64_t rs, int64_t dp, const float *restrict ct,
                                                              float *restrict acc, int nrows, const int B) {
     for (int64_t k = 0; k < dp; k += VL) {
-        vf hv[TA], uv[TA], cts[16];
+        vf hv[TA] = {(vf){0}}, uv[TA] = {(vf){0}}, cts[16];
+#pragma GCC unroll 4
         for (int r = 0; r < nrows; r++) {
             hv[r] = ldu(h0 + r * rs + k);
             uv[r] = ldu(u0 + r * rs + k);
         }
+#pragma GCC unroll 16
         for (int s = 0; s < B; s++) {
             vf a = ldu(acc + (int64_t)s * dp + k);
+#pragma GCC unroll 4
             for (int r = 0; r < nrows; r++) a += hv[r] * __builtin_shuffle(uv[r], lane_mask(B, s));
             stu(acc + (int64_t)s * dp + k, a);
             cts[s] = ldu(ct + (int64_t)s * dp + k);
         }
+#pragma GCC unroll 4
         for (int r = 0; r < nrows; r++) {
             vf g = hv[r] * cts[0];
+#pragma GCC unroll 16
             for (int s = 1; s < B; s++) g += __builtin_shuffle(hv[r], lane_mask(B, s)) * cts[s];
             stu(h0 + r * rs + k, g);
         }
@@ -246,7 +255,12 @@ static void lane_forward(float *x, float *y, int64_t rs, int64_t d, const float 
     const int64_t off = sp[2], dp = padded(d);
     wrap_in(x, rs, d, off, nrows);
     switch (sp[1]) {
-#define FWD(B) case B: lane_rows_b(x + off, y + off, rs, dp, c, nrows, B); break;
+#define FWD(B)                                                                                                         \
+    case B: {                                                                                                          \
+        if (nrows == TA) lane_rows_b(x + off, y + off, rs, dp, c, TA, B); /* a constant row count unrolls */         \
+        else lane_rows_b(x + off, y + off, rs, dp, c, nrows, B);                                                       \
+        break;                                                                                                         \
+    }
         LANE_CASES(FWD)
 #undef FWD
     default: abort(); /* Python asks for the lane form only for b dividing VL */
@@ -262,7 +276,12 @@ static void lane_backward(float *u, float *h, int64_t rs, int64_t d, const float
     wrap_in(u, rs, d, off, nrows);
     wrap_in(h, rs, d, off, nrows);
     switch (sp[1]) {
-#define BWD(B) case B: lane_back_b(u + off, h + off, rs, dp, ct, acc, nrows, B); break;
+#define BWD(B)                                                                                                         \
+    case B: {                                                                                                          \
+        if (nrows == TA) lane_back_b(u + off, h + off, rs, dp, ct, acc, TA, B);                                      \
+        else lane_back_b(u + off, h + off, rs, dp, ct, acc, nrows, B);                                                 \
+        break;                                                                                                         \
+    }
         LANE_CASES(BWD)
 #undef BWD
     default: abort();
@@ -306,18 +325,41 @@ void chain_forward(const void *x, int x_bf16, void *y, int y_bf16, const float *
     }
 }
 
+/* Each factor's transposed operator in its own form: band ct[k, j] = c[2w - k, (j + k - w) mod d];
+ * lane ct[s, k] = c[(b - s) mod b, m_s(k)]. */
+static void transpose_coefs(const float *coef, float *ct, const int *spec, int nf, int64_t d) {
+    const int64_t dp = padded(d);
+    for (int f = 0; f < nf; f++) {
+        const int *sp = spec + 3 * f;
+        if (sp[0] == BAND) {
+            const int w = sp[1];
+            for (int k = 0; k < 2 * w + 1; k++)
+                for (int64_t j = 0; j < d; j++)
+                    ct[k * d + j] = coef[(int64_t)(2 * w - k) * d + ((j + k - w) % d + d) % d];
+        } else {
+            const int64_t b = sp[1];
+            for (int64_t s = 0; s < b; s++)
+                for (int64_t k = 0; k < dp; k++)
+                    ct[s * dp + k] = coef[(b - s) % b * dp + ((k & ~(b - 1)) | ((k + s) & (b - 1)))];
+        }
+        const int64_t n = factor_coefs(spec, f, d);
+        coef += n;
+        ct += n;
+    }
+}
+
 /* Backward of chain_forward. g = dL/dy. Writes gx = dL/dx and gcoef = dL/dcoef (same layout as coef).
- * Rows go TA at a time. coef_t holds each factor's transposed operator in its own form: band
- * coef_t_f[k, j] = coef_f[2w - k, (j + k - w) mod d]; lane coef_t_f[s, k] = coef_f[(b - s) mod b, m_s(k)].
- * The inputs of every factor are recomputed, not saved: a band factor's padded (stride pw), a lane
- * factor's as natural rows (stride rs), written there by the factor before it (no copy). */
+ * Rows go TA at a time, through each factor's transposed operator (transpose_coefs). The inputs of every
+ * factor are recomputed, not saved: a band factor's padded (stride pw), a lane factor's as natural rows
+ * (stride rs), written there by the factor before it (no copy). */
 void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *gx, int gx_bf16, const float *coef,
-                    const float *coef_t, float *gcoef, const int *spec, int nf, int64_t rows, int64_t d,
-                    int threads) {
+                    float *gcoef, const int *spec, int nf, int64_t rows, int64_t d, int threads) {
     const int64_t pw = d + 2 * max_band_width(spec, nf), rs = padded(d) + VL, row = pw > rs ? pw : rs;
     int64_t ncoef = 0;
     for (int f = 0; f < nf; f++) ncoef += factor_coefs(spec, f, d);
     memset(gcoef, 0, (size_t)ncoef * sizeof(float));
+    float *coef_t = (float *)malloc((size_t)ncoef * sizeof(float));
+    transpose_coefs(coef, coef_t, spec, nf, d);
 #pragma omp parallel num_threads(threads)
     {
         float *u = (float *)amalloc((size_t)nf * TA * row * sizeof(float)); /* each factor's input */
@@ -370,6 +412,7 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
         free(tmp);
         free(acc);
     }
+    free(coef_t);
 }
 
 /* Backward of the RoPO layer's output scale, out = s * u + b over rows [rows, n] (ropo_ray/adapters/fused.py):
