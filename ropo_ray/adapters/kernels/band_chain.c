@@ -210,15 +210,16 @@ static inline __attribute__((always_inline)) void lane_rows_b(const float *x0, f
     }
 }
 
-/* Backward on nrows rows of the factor's input u and output gradient h (stride rs, from the stream's start):
- * acc[s, k] += sum_r h[r][k] u[r][m_s(k)], and in place of h the gradient at the factor's input,
- * sum_s h[m_s(k)] ct[s, k] (ct: the transposed operator's coefficients). Each vector of u, h and ct is loaded
- * once per block of rows (restrict: the stores into h and acc cannot change them). */
+/* Backward on nrows rows of the factor's input u and output gradient h (stride rs, from the stream's start). In
+ * place of h: the gradient at the factor's input, sum_s h[m_s(k)] ct[s, k] (ct: the transposed operator's
+ * coefficients). Into acc: the coefficients' gradient in the transposed arrangement,
+ * acc[s, k] += sum_r h[r][m_s(k)] u[r][k] = dL/dc[(b - s) mod b, m_s(k)], so that both sums use the same b - 1
+ * shuffles of h (lane_grads_untransposed puts acc back in c's arrangement once per call). */
 static inline __attribute__((always_inline)) void lane_back_b(const float *restrict u0, float *restrict h0,
                                                              int64_t rs, int64_t dp, const float *restrict ct,
                                                              float *restrict acc, int nrows, const int B) {
     for (int64_t k = 0; k < dp; k += VL) {
-        vf hv[TA] = {(vf){0}}, uv[TA] = {(vf){0}}, cts[16];
+        vf hv[TA] = {(vf){0}}, uv[TA] = {(vf){0}}, gv[TA];
 #pragma GCC unroll 4
         for (int r = 0; r < nrows; r++) {
             hv[r] = ldu(h0 + r * rs + k);
@@ -226,19 +227,18 @@ static inline __attribute__((always_inline)) void lane_back_b(const float *restr
         }
 #pragma GCC unroll 16
         for (int s = 0; s < B; s++) {
+            const vf cs = ldu(ct + (int64_t)s * dp + k);
             vf a = ldu(acc + (int64_t)s * dp + k);
 #pragma GCC unroll 4
-            for (int r = 0; r < nrows; r++) a += hv[r] * __builtin_shuffle(uv[r], lane_mask(B, s));
+            for (int r = 0; r < nrows; r++) {
+                const vf hs = s ? __builtin_shuffle(hv[r], lane_mask(B, s)) : hv[r];
+                a += hs * uv[r];
+                gv[r] = s ? gv[r] + hs * cs : hs * cs;
+            }
             stu(acc + (int64_t)s * dp + k, a);
-            cts[s] = ldu(ct + (int64_t)s * dp + k);
         }
 #pragma GCC unroll 4
-        for (int r = 0; r < nrows; r++) {
-            vf g = hv[r] * cts[0];
-#pragma GCC unroll 16
-            for (int s = 1; s < B; s++) g += __builtin_shuffle(hv[r], lane_mask(B, s)) * cts[s];
-            stu(h0 + r * rs + k, g);
-        }
+        for (int r = 0; r < nrows; r++) stu(h0 + r * rs + k, gv[r]);
     }
 }
 
@@ -348,6 +348,26 @@ static void transpose_coefs(const float *coef, float *ct, const int *spec, int n
     }
 }
 
+/* gcoef = grads, with each lane factor's part taken from the transposed arrangement lane_back_b accumulates
+ * (dL/dc[s, k] = grads[(b - s) mod b, m_s(k)]: the same map as transpose_coefs). */
+static void lane_grads_untransposed(const float *grads, float *gcoef, const int *spec, int nf, int64_t d) {
+    const int64_t dp = padded(d);
+    for (int f = 0; f < nf; f++) {
+        const int *sp = spec + 3 * f;
+        const int64_t n = factor_coefs(spec, f, d);
+        if (sp[0] == BAND) {
+            memcpy(gcoef, grads, (size_t)n * sizeof(float));
+        } else {
+            const int64_t b = sp[1];
+            for (int64_t s = 0; s < b; s++)
+                for (int64_t k = 0; k < dp; k++)
+                    gcoef[s * dp + k] = grads[(b - s) % b * dp + ((k & ~(b - 1)) | ((k + s) & (b - 1)))];
+        }
+        grads += n;
+        gcoef += n;
+    }
+}
+
 /* Backward of chain_forward. g = dL/dy. Writes gx = dL/dx and gcoef = dL/dcoef (same layout as coef).
  * Rows go TA at a time, through each factor's transposed operator (transpose_coefs). The inputs of every
  * factor are recomputed, not saved: a band factor's padded (stride pw), a lane factor's as natural rows
@@ -357,7 +377,7 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
     const int64_t pw = d + 2 * max_band_width(spec, nf), rs = padded(d) + VL, row = pw > rs ? pw : rs;
     int64_t ncoef = 0;
     for (int f = 0; f < nf; f++) ncoef += factor_coefs(spec, f, d);
-    memset(gcoef, 0, (size_t)ncoef * sizeof(float));
+    float *grads = (float *)calloc((size_t)ncoef, sizeof(float)); /* lane factors' in the transposed arrangement */
     float *coef_t = (float *)malloc((size_t)ncoef * sizeof(float));
     transpose_coefs(coef, coef_t, spec, nf, d);
 #pragma omp parallel num_threads(threads)
@@ -406,12 +426,14 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
             for (int s = 0; s < nr; s++) store_row(gx, gx_bf16, t0 + s, d, tmp + s * rs);
         }
 #pragma omp critical
-        for (int64_t i = 0; i < ncoef; i++) gcoef[i] += acc[i];
+        for (int64_t i = 0; i < ncoef; i++) grads[i] += acc[i];
         free(u);
         free(h);
         free(tmp);
         free(acc);
     }
+    lane_grads_untransposed(grads, gcoef, spec, nf, d);
+    free(grads);
     free(coef_t);
 }
 
