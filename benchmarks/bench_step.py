@@ -8,10 +8,14 @@ Uses bench_train.py's model (49M-parameter Llama), data and sides, each in its o
   steps run under torch.profiler; self time grouped (bench_train.PROFILE_GROUPS) into the rotation kernel,
   attention, matmuls, dtype conversions, the rotation's parameter side (Cayley solves, band coefficients), the
   optimizer and the rest, plus the wall-clock phases (data collation, forward, backward, optimizer step);
+- overhead: the RoPO layers' overhead over the frozen model in one process, fp32 and bf16 (bench_train's
+  `ropo_overhead_*` sides: the same adapted model stepping with its RoPO layers on and off in alternation,
+  --rounds pairs; the issue's "RoPO layer overhead over the frozen base forward + backward");
 - layer: one RoPO layer alone (1,296 tokens, as in a step of 8 pairs of 81 tokens), forward + backward, in
-  four forms side by side: the frozen `nn.Linear`, RoPO with the torch block matmuls, RoPO with the band
-  kernel inside autograd's composed ops, and the fused layer (adapters/fused.py, what training runs on the
-  CPU) (medians of 30 calls each, interleaved);
+  five forms side by side: the frozen `nn.Linear`, RoPO with the torch block matmuls, RoPO with the kernel
+  inside autograd's composed ops, the fused layer (adapters/fused.py) with every factor as a band, and the
+  fused layer as training runs it on the CPU (factors in the kernel's lane form where the vector length allows)
+  (medians of 30 calls each, interleaved);
 - scaling: `ropo_fp32` and `base` (frozen model, forward + backward) at sequence lengths 41 / 81 / 161
   (batch 8) and batches 4 / 8 / 16 (length 81), one run each, sides back to back per point, so the RoPO
   overhead at each point compares like with like.
@@ -36,7 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step.json"))
-    parser.add_argument("--parts", default="layer,profile,scaling",
+    parser.add_argument("--rounds", type=int, default=20, help="RoPO / frozen step pairs of the overhead part")
+    parser.add_argument("--parts", default="overhead,layer,profile,scaling",
                         help="which parts to run, e.g. layer (the others take minutes per point)")
     parser.add_argument("--profile-precisions", default="fp32,bf16",
                         help="fp32 alone on a CPU without native bf16, where a bf16 step takes minutes")
@@ -62,6 +67,7 @@ def layer_times(tokens: int = 1296, calls: int = 30) -> list[dict]:
     from torch import nn
 
     from ropo_ray.adapters.ropo_linear import RoPOLinear
+    from ropo_ray.adapters.rotation import kernel_layouts
 
     torch.set_num_threads(2)
     out = []
@@ -70,10 +76,12 @@ def layer_times(tokens: int = 1296, calls: int = 30) -> list[dict]:
         base = nn.Linear(d, n, bias=False).requires_grad_(False)
         x = torch.randn(tokens, d, requires_grad=True)
         composed = RoPOLinear(base, kernel="native")
-        composed.fuse = False  # the band kernel inside autograd's composed ops (scale and its gradient apart)
+        composed.fuse = False  # the kernel inside autograd's composed ops (scale and its gradient apart)
+        banded = RoPOLinear(base, kernel="native")
+        banded._bands = kernel_layouts(d, banded.block_sizes, banded.mixing, 0)  # every factor a band
         forms = {"frozen linear": base, "RoPO, torch block matmuls": RoPOLinear(base, kernel="torch"),
-                 "RoPO, band kernel, composed ops": composed,
-                 "RoPO, band kernel, fused layer": RoPOLinear(base, kernel="native")}
+                 "RoPO, kernel, composed ops": composed, "RoPO, fused layer, band form": banded,
+                 "RoPO, fused layer, lane form": RoPOLinear(base, kernel="native")}
         times: dict[str, list[float]] = {k: [] for k in forms}
         for i in range(calls + 3):
             for name, layer in forms.items():
@@ -96,12 +104,20 @@ def drive(args: argparse.Namespace) -> dict:
     layers = layer_times() if "layer" in parts else []
     points = []
     profiles: dict[str, dict] = {}
-    # the profile runs at the default point (81 x 8), which the scaling points include
-    for seq_len, batch in POINTS if "scaling" in parts else [(81, 8)] if "profile" in parts else []:
+    overhead: dict[str, dict] = {}
+    # the profile and the overhead run at the default point (81 x 8), which the scaling points include
+    default_only = [(81, 8)] if {"profile", "overhead"} & parts else []
+    for seq_len, batch in POINTS if "scaling" in parts else default_only:
         work = args.work / f"len{seq_len}-batch{batch}"
         work.mkdir()
         pargs = point_args(args, work, seq_len, batch)
         bench_train.spawn(pargs, "prepare", f"prepare-{seq_len}x{batch}")
+        if (seq_len, batch) == (81, 8) and "overhead" in parts:
+            for p in args.profile_precisions.split(","):
+                run = bench_train.spawn(pargs, f"ropo_overhead_{p}", f"overhead-{p}")
+                overhead[p] = {k: v for k, v in run.items() if k != "discarded_runs"}
+                print(json.dumps({"overhead": p, "median_paired": run["median_paired_overhead"],
+                                  "median_step_seconds": run["median_step_seconds"]}), flush=True)
         if (seq_len, batch) == (81, 8) and "profile" in parts:
             profiles = {p: bench_train.spawn(pargs, f"ropo_{p}_profile", f"profile-{p}")
                         for p in args.profile_precisions.split(",")}
@@ -133,6 +149,7 @@ def drive(args: argparse.Namespace) -> dict:
         } for precision, p in profiles.items()},
         "profile_note": "self time = time inside each op on the calling thread (an op's two compute threads "
                         "are not counted twice); the profiler adds its own overhead to the step",
+        "overhead": overhead,
         "layer": layers,
         "scaling": points,
         "total_seconds": time.perf_counter() - t0,

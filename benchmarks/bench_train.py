@@ -47,7 +47,8 @@ from ropo_ray.config.training import TrainConfig
 from ropo_ray.train.allocator import worker_env
 
 SIDES = ("trl", "trl_nogc", "ropo_fp32", "ropo_bf16", "ropo_bf16_gc", "base")
-EXTRA_SIDES = ("ropo_fp32_gc", "ropo_fp32_profile", "ropo_bf16_profile")  # for bench_step.py and one-off checks
+EXTRA_SIDES = ("ropo_fp32_gc", "ropo_fp32_profile", "ropo_bf16_profile",  # for bench_step.py and one-off checks
+               "ropo_overhead_fp32", "ropo_overhead_bf16")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -387,6 +388,58 @@ def side_base(args: argparse.Namespace) -> dict:
             "phase_seconds": phases, "rss_after_imports_mib": after_imports}
 
 
+def side_overhead(args: argparse.Namespace, precision: str) -> dict:
+    """The RoPO layers' overhead over the frozen model, measured in one process: the same adapted model (random
+    rotations and magnitudes, so nothing is an identity) steps with its RoPO layers on and off
+    (`RoPOLinear.disabled`: the frozen base alone) in alternation, forward + DPO loss + backward, the embedding
+    output requiring grad in both so the backward passes every layer either way. Alternating in one process
+    cancels what drifts between processes and over time (heap state, the machine's load); the paired ratio is
+    each round's RoPO step over its frozen step."""
+    import torch
+
+    from ropo_ray.adapters.inject import ropo_layers
+    from ropo_ray.adapters.registry import attach_adapter
+    from ropo_ray.config.schema import AdapterConfig, LossConfig, ModelConfig
+    from ropo_ray.train.model_io import load_model
+    from ropo_ray.train.step import make_batch, preference_step
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = attach_adapter(load_model(args.work / "model", ModelConfig(), bf16=precision == "bf16"), AdapterConfig())
+    layers = list(ropo_layers(model).values())
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.rotation:
+                p.normal_(0, 0.05)
+            layer.magnitude.mul_(1 + 0.1 * torch.randn_like(layer.magnitude))
+    model.enable_input_require_grads()
+    model.train()
+    rows, loss_cfg = load_json(args.work / "rows.json"), LossConfig()
+    batches = [make_batch(rows[i * args.batch:(i + 1) * args.batch], 0) for i in range(args.warmup + args.steps)]
+    times: dict[str, list[float]] = {"ropo": [], "frozen": []}
+    window = Window()
+    for i in range(args.warmup + args.rounds):
+        if i == args.warmup:
+            window.mark()
+        for mode in ("ropo", "frozen") if i % 2 == 0 else ("frozen", "ropo"):
+            for layer in layers:
+                layer.disabled = mode == "frozen"
+            t0 = time.perf_counter()
+            loss, _ = preference_step(model, batches[i % len(batches)], loss_cfg)
+            loss.backward()
+            elapsed = time.perf_counter() - t0
+            model.zero_grad(set_to_none=True)
+            if i >= args.warmup:
+                times[mode].append(elapsed)
+    window.mark()
+    paired = [r / f - 1 for r, f in zip(times["ropo"], times["frozen"])]
+    return {"precision": precision, "rounds": args.rounds, "adapted_layers": len(layers),
+            "step_seconds": times, "median_step_seconds": {k: statistics.median(v) for k, v in times.items()},
+            "paired_overhead": paired, "median_paired_overhead": statistics.median(paired),
+            "overhead_of_medians": statistics.median(times["ropo"]) / statistics.median(times["frozen"]) - 1,
+            "contention": window.contention()}
+
+
 def run_side(args: argparse.Namespace) -> None:
     runners = {"prepare": side_prepare, "trl": side_trl, "trl_nogc": lambda a: side_trl(a, checkpointing=False),
                "ropo_fp32": lambda a: side_ropo(a, "fp32"), "ropo_bf16": lambda a: side_ropo(a, "bf16"),
@@ -394,6 +447,8 @@ def run_side(args: argparse.Namespace) -> None:
                "ropo_bf16_gc": lambda a: side_ropo(a, "bf16", checkpointing=True),
                "ropo_fp32_profile": lambda a: side_ropo(a, "fp32", profile=True),
                "ropo_bf16_profile": lambda a: side_ropo(a, "bf16", profile=True),
+               "ropo_overhead_fp32": lambda a: side_overhead(a, "fp32"),
+               "ropo_overhead_bf16": lambda a: side_overhead(a, "bf16"),
                "base": side_base}
     result = runners[args.side](args)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -408,7 +463,7 @@ def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | Non
     allocator = allocator or side_allocator(side, args.ropo_allocator)
     result = args.work / f"result-{tag}.json"
     cmd = [sys.executable, __file__, "--side", side, "--work", str(args.work), "--result", str(result)]
-    for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads"):
+    for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads", "rounds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
     t0 = time.perf_counter()
@@ -534,6 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=10)
     parser.add_argument("--intermediate", type=int, default=1664)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=20, help="RoPO / frozen step pairs of the overhead sides")
     parser.add_argument("--sides", default=",".join(SIDES))
     benchlib.add_quiet_arguments(parser, max_other_cores=0.2)
     parser.add_argument("--ropo-allocator", choices=("system", "jemalloc"), default=TrainConfig().allocator,
