@@ -43,8 +43,8 @@ def inject_ropo(model: nn.Module, cfg: AdapterConfig) -> list[str]:
                              cfg.kernel)
         _set_submodule(model, name, wrapped)
     if not getattr(model, "_ropo_shares_rotations", False):  # one batched rotation computation per forward
-        model.register_forward_pre_hook(lambda module, _args: share_rotations(list(ropo_layers(module).values())))
-        model.register_forward_hook(lambda module, _args, _out: release_untracked(list(ropo_layers(module).values())))
+        model.register_forward_pre_hook(_share_before_forward)
+        model.register_forward_hook(_release_after_forward)
         model._ropo_shares_rotations = True
     native_layers = sum(model.get_submodule(n).uses_native_kernel for n in names)
     if cfg.kernel == "auto" and native_layers < len(names):
@@ -58,6 +58,14 @@ def inject_ropo(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         kind = "native band" if native_layers else "torch"
         logger.info("RoPO: %d layers, rotation by the %s kernel", len(names), kind)
     return names
+
+
+def _share_before_forward(model: nn.Module, _args: tuple) -> None:
+    share_rotations(list(ropo_layers(model).values()))
+
+
+def _release_after_forward(model: nn.Module, _args: tuple, _output: object) -> None:
+    release_untracked(list(ropo_layers(model).values()))
 
 
 def ropo_layers(model: nn.Module) -> dict[str, RoPOLinear]:

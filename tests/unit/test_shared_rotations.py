@@ -115,3 +115,16 @@ def test_coefficients_from_a_no_grad_forward_are_not_used_for_training(tiny_llam
     assert not layers[0]._shared[0].requires_grad
     assert layers[0].coefficients().requires_grad  # computed here, with a graph to the parameters
     release(layers)
+
+
+def test_an_adapted_model_still_pickles(tiny_llama):
+    """The forward hooks are module-level functions: torch.save of the whole model keeps working."""
+    import io
+
+    model = adapted(tiny_llama)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, model(IDS).logits)
