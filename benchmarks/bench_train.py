@@ -458,9 +458,16 @@ def run_side(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 
 
+JEMALLOC_DEFAULTS = "+jemalloc-defaults"
+"""A side name ending in this runs the side on jemalloc with jemalloc's own options (MALLOC_CONF unset) instead
+of --jemalloc-conf, so the two are measured side by side in one run (e.g. --sides ropo_bf16,ropo_bf16+...)."""
+
+
 def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | None = None) -> dict:
     """One side in its own process, on `allocator` (default: the side's own, `side_allocator`)."""
+    side, defaults, _ = side.partition(JEMALLOC_DEFAULTS)
     allocator = allocator or side_allocator(side, args.ropo_allocator)
+    conf = "" if defaults else args.jemalloc_conf
     result = args.work / f"result-{tag}.json"
     cmd = [sys.executable, __file__, "--side", side, "--work", str(args.work), "--result", str(result)]
     for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads", "rounds"):
@@ -468,13 +475,14 @@ def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | Non
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
     t0 = time.perf_counter()
     inherited = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
-    env = worker_env(allocator, conf=args.jemalloc_conf)
+    env = worker_env(allocator, conf=conf)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**inherited, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"side {side} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = load_json(result)
     out["process_seconds"] = time.perf_counter() - t0
     out["allocator"] = allocator
+    out["jemalloc_conf"] = env.get("MALLOC_CONF", "") if allocator == "jemalloc" else None
     out["loadavg_1min"] = {"before": load_before, "after": float(Path("/proc/loadavg").read_text().split()[0])}
     other = out.get("contention", {}).get("other_cores", 0.0)
     print(f"  {tag}: {out.get('pairs_per_s', 0):.3f} pairs/s, {out.get('tokens_per_s', 0):.1f} tokens/s, "

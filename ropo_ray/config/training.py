@@ -156,8 +156,8 @@ class TrainConfig:
     jemalloc_conf: str = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
     """jemalloc's options for the workers (its MALLOC_CONF syntax; empty: jemalloc's defaults). The default
     keeps freed pages for reuse instead of returning them after jemalloc's 10 s decay: a step reuses the
-    previous step's pages, where decay made it fault fresh ones. RoPO bf16 steps ran 13% faster than with
-    the decay (7.78 against 6.87 pairs/s), at a 4% higher peak (1,310 against 1,261 MiB; BENCHMARKS.md)."""
+    previous step's pages, where decay made it fault fresh ones. RoPO steps ran 6-15% faster than with the
+    decay, for at most 43 MiB more peak (BENCHMARKS.md, session 13; results/train_jemalloc_decay.json)."""
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
