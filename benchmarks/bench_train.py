@@ -291,6 +291,7 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
     from ropo_ray.config.schema import AdapterConfig, LossConfig, ModelConfig, TrainConfig
     from ropo_ray.train.ds_config import deepspeed_config
     from ropo_ray.train.flops import batch_sizes, step_flop_model
+    from ropo_ray.train.lean import keep_lean
     from ropo_ray.train.model_io import load_model
     from ropo_ray.train.schedule import warmup_cosine_scheduler
     from ropo_ray.train.step import make_batch, preference_step
@@ -300,7 +301,9 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
     init_single_process_group()
     total = args.warmup + args.steps
     tc = TrainConfig(micro_batch_size=args.batch, precision=precision, max_steps=total,
-                     activation_checkpointing=checkpointing)
+                     activation_checkpointing=checkpointing, lean_imports=not args.no_lean_imports)
+    ds_cfg = deepspeed_config(tc, 1)
+    kept_out = keep_lean(ds_cfg, tc.use_gpu) if tc.lean_imports else []  # as the worker does
     torch.manual_seed(tc.seed)
     model = attach_adapter(load_model(args.work / "model", ModelConfig(), bf16=precision == "bf16"), AdapterConfig())
     if tc.activation_checkpointing:
@@ -309,7 +312,7 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
     memory = {"after_imports": after_imports, "after_loading": peak_rss_mib()}  # where the peak comes from
     flop_model = step_flop_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(tc, 1),
+    engine, *_ = deepspeed.initialize(model=model, config=ds_cfg,
                                       lr_scheduler=lambda opt: warmup_cosine_scheduler(opt, total, tc.warmup_ratio),
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     memory["after_deepspeed_initialize"] = peak_rss_mib()
@@ -348,7 +351,7 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
             "activation_checkpointing": tc.activation_checkpointing,
             "module_dtype": str(next(engine.module.parameters()).dtype),
             "attention": engine.module.config._attn_implementation, "rss_after_imports_mib": after_imports,
-            "memory_mib_by_stage": memory}
+            "memory_mib_by_stage": memory, "kept_out": kept_out}
 
 
 def side_base(args: argparse.Namespace) -> dict:
@@ -458,18 +461,25 @@ def run_side(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-JEMALLOC_DEFAULTS = "+jemalloc-defaults"
-"""A side name ending in this runs the side on jemalloc with jemalloc's own options (MALLOC_CONF unset) instead
-of --jemalloc-conf, so the two are measured side by side in one run (e.g. --sides ropo_bf16,ropo_bf16+...)."""
+VARIANTS = {
+    "jemalloc-defaults": "on jemalloc with jemalloc's own options (MALLOC_CONF unset) instead of --jemalloc-conf",
+    "all-imports": "with train.lean_imports=false: Triton and DeepSpeed's Muon module imported (RoPO sides)",
+}
+"""Side-name suffixes: `side+variant` runs the side with a setting changed, so that both are measured side by side
+in one run (e.g. --sides ropo_bf16,ropo_bf16+jemalloc-defaults)."""
 
 
 def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | None = None) -> dict:
     """One side in its own process, on `allocator` (default: the side's own, `side_allocator`)."""
-    side, defaults, _ = side.partition(JEMALLOC_DEFAULTS)
+    side, *variants = side.split("+")
+    if unknown := set(variants) - set(VARIANTS):
+        raise ValueError(f"side {side}: unknown variants {sorted(unknown)} (known: {sorted(VARIANTS)})")
     allocator = allocator or side_allocator(side, args.ropo_allocator)
-    conf = "" if defaults else args.jemalloc_conf
+    conf = "" if "jemalloc-defaults" in variants else args.jemalloc_conf
     result = args.work / f"result-{tag}.json"
     cmd = [sys.executable, __file__, "--side", side, "--work", str(args.work), "--result", str(result)]
+    if "all-imports" in variants or args.no_lean_imports:
+        cmd.append("--no-lean-imports")
     for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads", "rounds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
@@ -604,6 +614,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train.allocator of the RoPO sides (default: the config's default)")
     parser.add_argument("--jemalloc-conf", default=TrainConfig().jemalloc_conf,
                         help="MALLOC_CONF of the sides on jemalloc (default: train.jemalloc_conf's default)")
+    parser.add_argument("--no-lean-imports", action="store_true",
+                        help="RoPO sides with train.lean_imports=false (Triton and DeepSpeed's Muon imported)")
     parser.add_argument("--allocator-pass", type=int, default=1,
                         help="1: also measure every side's peak RSS on the other allocator")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))

@@ -27,6 +27,7 @@ from ropo_ray.train.allocator import allocator_warning, loaded_allocator
 from ropo_ray.train.checkpoints import write_record
 from ropo_ray.train.ds_config import deepspeed_config
 from ropo_ray.train.flops import StepFlopModel, batch_sizes, measure_peak_flops, step_flop_model
+from ropo_ray.train.lean import keep_lean
 from ropo_ray.train.model_io import cpu_bf16_warning, load_model
 from ropo_ray.train.probe import penalised_objective, probe
 from ropo_ray.train.schedule import warmup_cosine_scheduler
@@ -146,13 +147,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.warning(warning)
     if warning := allocator_warning(tc.allocator, loaded_allocator()):
         logger.warning(f"rank {ctx.get_world_rank()}: {warning}")
+    ds_cfg = deepspeed_config(tc, ctx.get_world_size())
+    if tc.lean_imports:
+        keep_lean(ds_cfg, tc.use_gpu)  # before the model's imports
     model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=bf16, gpu=tc.use_gpu), cfg.adapter)
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     flop_model = step_flop_model(model)
     peak = tc.peak_flops or measure_peak_flops(torch.bfloat16 if bf16 else torch.float32)
-    ds_cfg = deepspeed_config(tc, ctx.get_world_size())
     scheduler = None if "scheduler" in ds_cfg else (
         lambda opt: warmup_cosine_scheduler(opt, config["total_steps"], tc.warmup_ratio))
     engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, lr_scheduler=scheduler,

@@ -84,7 +84,7 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_as
     from that checkpoint (no fresh start), the run finishes, and its final held-out loss matches an
     uninterrupted run's within 0.02 (data order after a restart may differ, so not bit for bit). The workers
     run on the allocator asked for: jemalloc mapped into both processes (the runtime env's LD_PRELOAD), with
-    train.jemalloc_conf in their environment."""
+    train.jemalloc_conf in their environment; and without Triton (train.lean_imports)."""
     common = ["train.num_workers=2", "train.micro_batch_size=8", "train.checkpoint_every=4", "train.max_failures=2",
               "train.allocator=jemalloc"]
     _, clean = run(polite_data, tiny_assets, tmp_path / "clean", common, name="clean")
@@ -99,7 +99,10 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_as
     killed_at = max(r["step"] for r in read_metrics(log))
     workers = train_worker_pids()
     assert len(workers) == 2
-    assert [loaded_allocator(Path(f"/proc/{pid}/maps").read_text()) for pid in workers] == ["jemalloc"] * 2
+    maps = [Path(f"/proc/{pid}/maps").read_text() for pid in workers]
+    assert [loaded_allocator(m) for m in maps] == ["jemalloc"] * 2
+    # train.lean_imports (default): the model is loaded and training, and Triton stayed out of the CPU workers
+    assert all("libtorch_cpu" in m and "libtriton" not in m for m in maps)
     conf = f"MALLOC_CONF={TrainConfig().jemalloc_conf}".encode()  # jemalloc's options came with it
     assert all(conf in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in workers)
     os.kill(workers[-1], signal.SIGKILL)
