@@ -160,7 +160,7 @@ class TrainConfig:
     decay, for at most 43 MiB more peak (BENCHMARKS.md, session 13; results/train_jemalloc_decay.json)."""
     lean_imports: bool = True
     """Keep out of the workers what they import but never call (ropo_ray/train/lean.py): Triton, the GPU
-    kernel compiler torch._dynamo loads, on CPU workers (70 MiB of a worker's peak), and DeepSpeed's Muon
+    kernel compiler torch._dynamo loads, on CPU workers (71 MiB of a worker's peak), and DeepSpeed's Muon
     optimizer module, imported only to be told the optimizer is not Muon (43 MiB); false imports both."""
 
     def __post_init__(self) -> None:

@@ -5,7 +5,7 @@ torch 2.13, DeepSpeed 0.19; benchmarks/BENCHMARKS.md, session 14):
 
 - Triton. Importing a Llama imports torch._dynamo (transformers' continuous-batching cache decorates a method
   with `torch.compiler.disable` at import), and torch._dynamo imports Triton whenever it is installed (here
-  vLLM's xgrammar brings it). Triton compiles GPU kernels; on a CPU worker its 70 MiB (most of it libtriton's
+  vLLM's xgrammar brings it). Triton compiles GPU kernels; on a CPU worker its 71 MiB (most of it libtriton's
   mapped code) are dead weight. `keep_out_triton` makes `import triton` fail the way it does where Triton is
   not installed, which torch handles (`torch.utils._triton.has_triton_package` is then False; torch.compile
   on CPU generates C++, not Triton).
@@ -32,6 +32,7 @@ import types
 from typing import Any
 
 MUON_MODULE = "deepspeed.runtime.zero.muon.original_muon"
+MUON_PACKAGE, _, MUON_NAME = MUON_MODULE.rpartition(".")
 
 
 def keep_out_triton() -> bool:
@@ -63,8 +64,7 @@ def _forward(name: str) -> Any:
 @functools.cache
 def _real_muon_module() -> types.ModuleType:
     """The real Muon module, loaded under a private name (the stand-in keeps the public one)."""
-    package, _, name = MUON_MODULE.rpartition(".")
-    path = f"{list(importlib.import_module(package).__path__)[0]}/{name}.py"
+    path = f"{list(importlib.import_module(MUON_PACKAGE).__path__)[0]}/{MUON_NAME}.py"
     spec = importlib.util.spec_from_file_location(f"{MUON_MODULE}._real", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -89,9 +89,8 @@ def answer_muon_without_importing_it(ds_config: dict[str, Any]) -> bool:
         return getattr(_real_muon_module(), name)
 
     stand_in.__getattr__ = __getattr__  # type: ignore[attr-defined]
-    package, _, name = MUON_MODULE.rpartition(".")
     sys.modules[MUON_MODULE] = stand_in
-    setattr(importlib.import_module(package), name, stand_in)  # as the import system does for a loaded module
+    setattr(importlib.import_module(MUON_PACKAGE), MUON_NAME, stand_in)  # as the import system does for a loaded module
     return True
 
 

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -22,20 +23,20 @@ def run(script: str, timeout: float = 300) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-LLAMA = """
+TESTS = str(Path(__file__).resolve().parents[1])  # conftest.make_tiny_llama, imported by the scripts
+
+LLAMA = f"""
     import json, sys, torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
+    sys.path.insert(0, {TESTS!r})
+    from conftest import make_tiny_llama
+    model = make_tiny_llama()
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
         logits = model(ids).logits
     maps = open("/proc/self/maps").read()
     from torch.utils._triton import has_triton_package
-    out = {"kept_out": kept_out, "triton_mapped": "libtriton" in maps, "has_triton": has_triton_package(),
-           "dynamo": "torch._dynamo" in sys.modules, "logits": logits[0, :3, :4].tolist()}
+    out = {{"kept_out": kept_out, "triton_mapped": "libtriton" in maps, "has_triton": has_triton_package(),
+           "dynamo": "torch._dynamo" in sys.modules, "logits": logits[0, :3, :4].tolist()}}
     print(json.dumps(out))
 """
 
@@ -118,7 +119,7 @@ def test_deepspeed_trains_a_ropo_model_the_same_with_lean_imports():
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         import deepspeed, torch
         deepspeed.init_distributed(dist_backend="gloo")
-        sys.path.insert(0, "tests")
+        sys.path.insert(0, {tests!r})
         from conftest import make_tiny_llama
         from ropo_ray.adapters.registry import attach_adapter
         model = attach_adapter(make_tiny_llama().to(torch.bfloat16), AdapterConfig()).train()
@@ -136,8 +137,8 @@ def test_deepspeed_trains_a_ropo_model_the_same_with_lean_imports():
                           "triton": "libtriton" in open("/proc/self/maps").read(),
                           "inductor_compile_fx": "torch._inductor.compile_fx" in sys.modules}}))
     """
-    lean = run(script.format(lean=True))
-    full = run(script.format(lean=False))
+    lean = run(script.format(lean=True, tests=TESTS))
+    full = run(script.format(lean=False, tests=TESTS))
     assert lean["kept_out"] == ["triton", MUON]
     assert lean["optimizer"] == full["optimizer"]
     assert lean["losses"] == full["losses"] and lean["losses"][2] != lean["losses"][0]  # it trains, identically
