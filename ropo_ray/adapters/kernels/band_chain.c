@@ -153,8 +153,27 @@ static void band_outer(const float *u, int64_t pw, const float *h, int64_t rs, f
 
 static int64_t padded(int64_t d) { return (d + VL - 1) / VL * VL; }
 
-/* 64-byte aligned memory (aligned_alloc wants a size that is a multiple of the alignment). */
-static void *amalloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+/* A call's scratch buffers, carved from one page-aligned block: buffer i (floats[i] floats) starts at 256-byte class
+ * first_class + i (mod 16) of a page. The kernels load from one buffer at the offset they have just stored to in
+ * another (a factor's input and output, the coefficients and their gradient), and on x86 a load whose address
+ * agrees with a pending store's in its low 12 bits waits for that store (4K aliasing). Allocated one by one,
+ * buffers of these sizes come page-aligned from jemalloc (the training workers' allocator), all in class 0:
+ * chain_backward then ran 2.3x slower than on glibc's malloc (BENCHMARKS.md, session 15). Returns the block
+ * (free it); bufs[i] receives buffer i. */
+#define PAGE 4096
+#define CLASSES 16
+static void *carve(int n, const int64_t *floats, float **bufs, int first_class) {
+    size_t at[n], end = 0;
+    for (int i = 0; i < n; i++) {
+        const size_t mod = (size_t)((first_class + i) % CLASSES) * (PAGE / CLASSES);
+        end += (mod + PAGE - end % PAGE) % PAGE;
+        at[i] = end;
+        end += (size_t)floats[i] * sizeof(float);
+    }
+    char *block = (char *)aligned_alloc(PAGE, (end + PAGE - 1) / PAGE * PAGE);
+    for (int i = 0; i < n; i++) bufs[i] = (float *)(block + at[i]);
+    return block;
+}
 
 /* Coefficients of factor f: band [2w + 1, d], lane [b, dp]. */
 static int64_t factor_coefs(const int *spec, int f, int64_t d) {
@@ -306,8 +325,9 @@ void chain_forward(const void *x, int x_bf16, void *y, int y_bf16, const float *
     const int64_t pw = d + 2 * max_band_width(spec, nf), rs = padded(d) + VL;
 #pragma omp parallel num_threads(threads)
     {
-        float *buf = (float *)amalloc((size_t)TA * pw * sizeof(float));
-        float *tmp = (float *)amalloc((size_t)TA * rs * sizeof(float));
+        float *bufs[2];
+        void *block = carve(2, (const int64_t[]){TA * pw, TA * rs}, bufs, 1);
+        float *buf = bufs[0], *tmp = bufs[1];
         memset(tmp, 0, (size_t)TA * rs * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t t0 = 0; t0 < rows; t0 += TA) {
@@ -320,8 +340,7 @@ void chain_forward(const void *x, int x_bf16, void *y, int y_bf16, const float *
             }
             for (int s = 0; s < nr; s++) store_row(y, y_bf16, t0 + s, d, tmp + s * rs);
         }
-        free(buf);
-        free(tmp);
+        free(block);
     }
 }
 
@@ -377,28 +396,37 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
     const int64_t pw = d + 2 * max_band_width(spec, nf), rs = padded(d) + VL, row = pw > rs ? pw : rs;
     int64_t ncoef = 0;
     for (int f = 0; f < nf; f++) ncoef += factor_coefs(spec, f, d);
-    float *grads = (float *)calloc((size_t)ncoef, sizeof(float)); /* lane factors' in the transposed arrangement */
-    float *coef_t = (float *)malloc((size_t)ncoef * sizeof(float));
+    float *shared[2]; /* the coefficients' gradient (lane factors' in the transposed arrangement), coef transposed */
+    void *shared_block = carve(2, (const int64_t[]){ncoef, ncoef}, shared, 0);
+    float *grads = shared[0], *coef_t = shared[1];
+    memset(grads, 0, (size_t)ncoef * sizeof(float));
     transpose_coefs(coef, coef_t, spec, nf, d);
 #pragma omp parallel num_threads(threads)
     {
-        float *u = (float *)amalloc((size_t)nf * TA * row * sizeof(float)); /* each factor's input */
-        float *h = (float *)amalloc((size_t)TA * pw * sizeof(float));       /* a band factor's padded gradient */
-        float *tmp = (float *)amalloc((size_t)TA * rs * sizeof(float));
-        float *acc = (float *)calloc((size_t)ncoef, sizeof(float));
-        memset(u, 0, (size_t)nf * TA * row * sizeof(float));
+        /* bufs: each factor's input (nf), a band factor's padded gradient, tmp, this thread's coefficient gradient;
+         * classes 2.. (coef_t, shared, is in class 1) */
+        int64_t sizes[nf + 3];
+        float *bufs[nf + 3];
+        for (int f = 0; f < nf; f++) sizes[f] = TA * row;
+        sizes[nf] = TA * pw;
+        sizes[nf + 1] = TA * rs;
+        sizes[nf + 2] = ncoef;
+        void *block = carve(nf + 3, sizes, bufs, 2);
+        float *h = bufs[nf], *tmp = bufs[nf + 1], *acc = bufs[nf + 2];
+        for (int f = 0; f < nf; f++) memset(bufs[f], 0, (size_t)TA * row * sizeof(float));
         memset(tmp, 0, (size_t)TA * rs * sizeof(float));
+        memset(acc, 0, (size_t)ncoef * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t t0 = 0; t0 < rows; t0 += TA) {
             const int nr = rows - t0 < TA ? (int)(rows - t0) : TA;
             /* factor f's natural input: its saved rows when it is a lane factor, else tmp */
-#define NATURAL_IN(f) (spec[3 * (f)] == LANE ? u + (int64_t)(f) * TA * row : tmp)
+#define NATURAL_IN(f) (spec[3 * (f)] == LANE ? bufs[f] : tmp)
             float *in = NATURAL_IN(0);
             for (int s = 0; s < nr; s++) load_row(x, x_bf16, t0 + s, d, in + s * rs);
             const float *c = coef;
             for (int f = 0; f < nf; f++) {
                 const int *sp = spec + 3 * f;
-                float *uf = u + (int64_t)f * TA * row, *next = f + 1 < nf ? NATURAL_IN(f + 1) : NULL;
+                float *uf = bufs[f], *next = f + 1 < nf ? NATURAL_IN(f + 1) : NULL;
                 if (sp[0] == BAND) {
                     pad_rows(uf, pw, in, rs, d, sp[1], nr);
                     if (next) band_rows(uf, pw, next, rs, c, d, sp[1], nr);
@@ -413,7 +441,7 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
             int64_t off = ncoef;
             for (int f = nf - 1; f >= 0; f--) {
                 const int *sp = spec + 3 * f;
-                float *uf = u + (int64_t)f * TA * row;
+                float *uf = bufs[f];
                 off -= factor_coefs(spec, f, d);
                 if (sp[0] == BAND) {
                     band_outer(uf, pw, tmp, rs, acc + off, d, sp[1], nr); /* dL/dc[k, i] */
@@ -427,14 +455,10 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
         }
 #pragma omp critical
         for (int64_t i = 0; i < ncoef; i++) grads[i] += acc[i];
-        free(u);
-        free(h);
-        free(tmp);
-        free(acc);
+        free(block);
     }
     lane_grads_untransposed(grads, gcoef, spec, nf, d);
-    free(grads);
-    free(coef_t);
+    free(shared_block);
 }
 
 /* Backward of the RoPO layer's output scale, out = s * u + b over rows [rows, n] (ropo_ray/adapters/fused.py):
