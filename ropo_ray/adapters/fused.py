@@ -5,9 +5,11 @@
 Composed from tensor ops (ropo_linear.py's general path) the scale costs three passes over every
 [tokens, out] activation beyond the frozen linear's, each into a fresh buffer: y * s in the forward, then
 g * s and the sum over tokens of g * u for the magnitude's gradient in the backward, with the unscaled u
-kept for it. Here the forward scales the matmul's output in place and keeps only the layer's output; the
-backward computes g * s and the magnitude's gradient in one pass of the native kernel
-(kernels/band_chain.c `scale_backward`), recovering u = (y - b) / s from the saved output. The rotated
+kept for it. Here the forward scales the matmul's output and adds the bias in place, in one pass of the
+native kernel (`scale_forward`; on bfloat16 torch's in-place multiply by the float32 scale converted the
+output to float32 and back), and keeps only the layer's output; the backward computes g * s and the
+magnitude's gradient in one pass of the native kernel (kernels/band_chain.c `scale_backward`), recovering
+u = (y - b) / s from the saved output. The rotated
 input R^T x is not kept: the band kernel's backward recomputes it from x, which the layer's callers keep
 anyway (q, k and v share one).
 
@@ -34,14 +36,16 @@ class _RotatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, magnitude: torch.Tensor,
                 row_norms: torch.Tensor, bands: tuple[BandLayout, ...], packed: torch.Tensor) -> torch.Tensor:
+        from ropo_ray.adapters.native import library
+
         n, d = weight.shape
         rows = x.reshape(-1, d).contiguous()  # [T, d]
         packed, spec = packed.contiguous(), kernel_spec(bands)
-        scale = magnitude.float() / row_norms.float()  # [n] fp32
+        scale = (magnitude.float() / row_norms.float()).contiguous()  # [n] fp32
         out = torch.mm(band_chain_forward(rows, packed, spec), weight.t())  # [T, n]; R^T x freed here
-        out.mul_(scale)
-        if bias is not None:
-            out.add_(bias)
+        bias32 = bias.float().contiguous() if bias is not None else None
+        library().scale_forward(out.data_ptr(), bf16_flag(out), scale.data_ptr(),
+                                None if bias32 is None else bias32.data_ptr(), out.shape[0], n, torch.get_num_threads())
         out = out.view(*x.shape[:-1], n)
         ctx.save_for_backward(rows, packed, out, scale, weight, row_norms,
                               bias if bias is not None else torch.empty(0))

@@ -87,6 +87,8 @@ def library() -> ctypes.CDLL:
     lib.chain_backward.restype = None
     lib.scale_backward.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, i32, ptr, i64, i64, i32]
     lib.scale_backward.restype = None
+    lib.scale_forward.argtypes = [ptr, i32, ptr, ptr, i64, i64, i32]
+    lib.scale_forward.restype = None
     lib.vector_lanes.argtypes = []
     lib.vector_lanes.restype = i32
     return lib

@@ -277,10 +277,11 @@ def test_a_zero_magnitude_takes_the_composed_path_and_its_gradient_is_right():
         assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
 
 
-def test_fused_layer_in_bfloat16_stays_within_bf16_rounding():
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_layer_in_bfloat16_stays_within_bf16_rounding(bias):
     """bf16 weights and activations (DeepSpeed's bf16 mode): values and gradients within a few bf16 steps of
-    the float64 formula on the same (bf16-rounded) inputs."""
-    layer = adapted_layer(64, 40, bias=False).bfloat16()
+    the float64 formula on the same (bf16-rounded) inputs; with a bias, scale and bias in one rounded pass."""
+    layer = adapted_layer(64, 40, bias=bias).bfloat16()
     x = torch.randn(6, 64).bfloat16().requires_grad_()
     weights = torch.randn(6, 40).bfloat16()
     (y, got), (y64, want) = layer_against_dense64(layer, x, weights)

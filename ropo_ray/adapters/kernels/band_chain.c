@@ -461,6 +461,30 @@ void chain_backward(const void *x, int x_bf16, const void *g, int g_bf16, void *
     free(shared_block);
 }
 
+/* The RoPO layer's output scale in place over rows [rows, n] (ropo_ray/adapters/fused.py): u <- s * u + b (b may
+ * be NULL), in float32 and rounded once. On bfloat16 rows torch's u.mul_(s) with a float32 s converts u to
+ * float32 and back (two more passes over [rows, n]) and u.add_(b) makes a third pass. */
+void scale_forward(void *u, int u_bf16, const float *s, const float *b, int64_t rows, int64_t n, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *r = (float *)malloc((size_t)n * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < rows; t++) {
+            load_row(u, u_bf16, t, n, r);
+            int64_t i = 0;
+            if (b) {
+                for (; i + VL <= n; i += VL) stu(r + i, ldu(r + i) * ldu(s + i) + ldu(b + i));
+                for (; i < n; i++) r[i] = r[i] * s[i] + b[i];
+            } else {
+                for (; i + VL <= n; i += VL) stu(r + i, ldu(r + i) * ldu(s + i));
+                for (; i < n; i++) r[i] *= s[i];
+            }
+            store_row(u, u_bf16, t, n, r);
+        }
+        free(r);
+    }
+}
+
 /* Backward of the RoPO layer's output scale, out = s * u + b over rows [rows, n] (ropo_ray/adapters/fused.py):
  * gu = g * s (the gradient at the frozen matmul's output) and gs[i] = sum_t g[t, i] * u[t, i] (the gradient
  * of s), with u recovered from the saved output as (out - b) / s (every s[i] nonzero; b may be NULL).
