@@ -60,8 +60,11 @@ def test_matches_torch_flop_counter(setup):
     counted = {n: counted_flops(model, n) for n in (short, long)}
     # what grows with the tokens agrees (rotary position embeddings add a few FLOPs left out) ...
     assert counted[long] - counted[short] == pytest.approx(predicted[long] - predicted[short], rel=2e-3)
-    # ... and what does not (building the rotation blocks once per step) is under 1% of a step
-    assert abs(counted[short] - predicted[short]) <= 0.01 * predicted[short]
+    # ... and what does not is the rotation blocks' construction, once per step: of it the counter sees the
+    # two b x b matmuls per block of the Cayley backward (dL/dS = -2 M^T G M^T: 4 b^3 FLOPs; the forward's
+    # elimination is elementwise). 8 adapted layers of input 64: 32 blocks of 2 and 8 blocks of 8 each.
+    building = 8 * (32 * 4 * 2**3 + 8 * 4 * 8**3) if setup == "ropo" else 0  # = 139,264
+    assert abs(counted[short] - predicted[short] - building) <= 0.01 * predicted[short]
 
 
 def test_batch_sizes_counts_real_tokens_only():

@@ -41,6 +41,26 @@ def test_cayley_equals_inverse_formula_and_is_special_orthogonal():
     assert torch.allclose(torch.linalg.det(q), torch.ones(5), atol=1e-5)
 
 
+@pytest.mark.parametrize("b", [2, 3, 5, 8, 16])
+def test_cayley_value_and_gradient_match_float64_solve(b):
+    """cayley (Gauss-Jordan without pivoting, and the backward dL/dS = -2 M^T G M^T with M = (I + S)^-1)
+    against float64 autograd through torch.linalg.solve, on batched blocks with large entries (pivoting would
+    matter for a general matrix; I + S with S skew needs none)."""
+    gen = torch.Generator().manual_seed(b)
+    params = (3.0 * torch.randn(3, 4, rot.num_skew_params(b), generator=gen)).requires_grad_()
+    weights = torch.randn(3, 4, b, b, generator=gen)
+    q = rot.cayley(rot.skew_from_params(params, b))
+    (q * weights).sum().backward()
+    p64 = params.detach().double().requires_grad_()
+    s64 = rot.skew_from_params(p64, b)
+    eye = torch.eye(b, dtype=torch.float64)
+    q64 = torch.linalg.solve(eye + s64, eye - s64)
+    (q64 * weights.double()).sum().backward()
+    assert q.dtype == torch.float32
+    assert (q.double() - q64).abs().max() < 1e-5
+    assert torch.allclose(params.grad.double(), p64.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_zero_params_give_identity():
     blocks, layouts = random_blocks(24, (2, 4, 8), scale=0.0)
     assert torch.equal(rot.rotation_matrix(blocks, layouts, 24), torch.eye(24))
