@@ -38,11 +38,21 @@ def num_skew_params(block_size: int) -> int:
 
 
 def skew_from_params(params: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[..., nb, b(b-1)/2] -> [..., nb, b, b] skew-symmetric S (S^T = -S), upper triangle from params."""
-    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=params.device)
-    upper = params.new_zeros(*params.shape[:-1], block_size, block_size)
-    upper[..., rows, cols] = params
-    return upper - upper.transpose(-1, -2)
+    """[..., nb, b(b-1)/2] -> [..., nb, b, b] skew-symmetric S (S^T = -S), upper triangle from params (row by
+    row). One matmul with a constant 0/+-1 basis, forward and backward (exact: one nonzero term per entry),
+    where scattering into a zero tensor and subtracting its transpose took four indexing passes per step."""
+    b = block_size
+    return (params @ _skew_basis(b, params.dtype, params.device)).view(*params.shape[:-1], b, b)
+
+
+@functools.cache
+def _skew_basis(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[b(b-1)/2, b * b]: row p has +1 at S's entry (r, c) and -1 at (c, r), (r, c) the p-th of the upper triangle."""
+    rows, cols = torch.triu_indices(b, b, offset=1)
+    basis = torch.zeros(len(rows), b * b, dtype=dtype)
+    basis[torch.arange(len(rows)), rows * b + cols] = 1
+    basis[torch.arange(len(rows)), cols * b + rows] = -1
+    return basis.to(device)
 
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
