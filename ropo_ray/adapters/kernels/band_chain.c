@@ -158,8 +158,8 @@ static int64_t padded(int64_t d) { return (d + VL - 1) / VL * VL; }
  * another (a factor's input and output, the coefficients and their gradient), and on x86 a load whose address
  * agrees with a pending store's in its low 12 bits waits for that store (4K aliasing). Allocated one by one,
  * buffers of these sizes come page-aligned from jemalloc (the training workers' allocator), all in class 0:
- * chain_backward then ran 2.3x slower than on glibc's malloc (BENCHMARKS.md, session 15). Returns the block
- * (free it); bufs[i] receives buffer i. */
+ * chain_backward then took 1.6x as long as on glibc's malloc and 1.8x as long as carved (benchmarks/bench_kernel.py,
+ * BENCHMARKS.md session 15). Returns the block (free it); bufs[i] receives buffer i. */
 #define PAGE 4096
 #define CLASSES 16
 static void *carve(int n, const int64_t *floats, float **bufs, int first_class) {
