@@ -6,7 +6,7 @@ Uses bench_train.py's model (49M-parameter Llama), data and sides, each in its o
 
 - profile: one `ropo_fp32` and one `ropo_bf16` run at the default point (8 pairs of <= 81 tokens) whose timed
   steps run under torch.profiler; self time grouped (bench_train.PROFILE_GROUPS) into the rotation kernel,
-  attention, matmuls, dtype conversions, the rotation's parameter side (Cayley solves, band coefficients), the
+  attention, matmuls, dtype conversions, the rotation's parameter side (Cayley eliminations, band coefficients), the
   optimizer and the rest, plus the wall-clock phases (data collation, forward, backward, optimizer step);
 - overhead: the RoPO layers' overhead over the frozen model in one process, fp32 and bf16 (bench_train's
   `ropo_overhead_*` sides: the same adapted model stepping with its RoPO layers on and off in alternation,

@@ -209,7 +209,7 @@ def share_rotations(layers: list[RoPOLinear]) -> None:
     """Compute the kernel coefficients of many layers at once, one batched computation per group of layers with
     the same layouts (`_shareable`), and hand each layer its row (`RoPOLinear.coefficients`).
 
-    A layer's rotation parameters go through ~30 small tensor ops (skew matrices, Cayley solves, gathers) and
+    A layer's rotation parameters go through ~30 small tensor ops (skew matrices, Cayley eliminations, gathers) and
     as many in the backward, a cost per layer and step that does not shrink with the batch; stacked, a group
     pays it once. Gradients reach each layer's parameters through the stack.
 
