@@ -72,8 +72,8 @@ def _unit_plus_inverse(s: torch.Tensor) -> torch.Tensor:
     microsecond each.
 
     No pivoting is needed: A = I + S has symmetric part (A + A^T) / 2 = I, and so does every Schur complement
-    taken in the elimination (x^T C x >= |x|^2 for a Schur complement C of A), so every pivot is >= 1 and no
-    multiplier grows past the entries of A."""
+    taken in the elimination (C = A22 + A12^T A11^-1 A12, and x^T A11^-1 x = |A11^-1 x|^2, so x^T C x >= |x|^2),
+    so every pivot is >= 1 and no multiplier is larger than the entry it is taken from."""
     b, lead = s.shape[-1], s.shape[:-2]
     eye = torch.eye(b, dtype=s.dtype, device=s.device)[:, :, None]  # [b, b, 1]
     blocks = s.reshape(-1, b, b).permute(1, 2, 0)  # [b, b, N]
