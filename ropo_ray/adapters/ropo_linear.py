@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ropo_ray.adapters import native
+from ropo_ray.adapters.cayley import num_skew_params
 from ropo_ray.adapters.fused import rotated_linear
 from ropo_ray.adapters.rotation import (
     BandLayout,
@@ -27,7 +28,6 @@ from ropo_ray.adapters.rotation import (
     factor_blocks,
     kernel_layouts,
     merge_weight,
-    num_skew_params,
     orthogonality_error,
     pack_coefficients,
     shared_factor_layouts,
