@@ -48,7 +48,7 @@ class _RotatedLinear(torch.autograd.Function):
                                 None if bias32 is None else bias32.data_ptr(), out.shape[0], n, torch.get_num_threads())
         out = out.view(*x.shape[:-1], n)
         ctx.save_for_backward(rows, packed, out, scale, weight, row_norms,
-                              bias if bias is not None else torch.empty(0))
+                              bias32 if bias32 is not None else torch.empty(0))
         ctx.bands, ctx.spec, ctx.has_bias, ctx.magnitude_dtype = bands, spec, bias is not None, magnitude.dtype
         return out
 
@@ -56,15 +56,14 @@ class _RotatedLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         from ropo_ray.adapters.native import library
 
-        rows, packed, out, scale, weight, row_norms, bias = ctx.saved_tensors
+        rows, packed, out, scale, weight, row_norms, bias32 = ctx.saved_tensors  # bias32: fp32 bias, or empty
         n = weight.shape[0]
         g = grad.reshape(-1, n).contiguous()  # [T, n]
         y = out.reshape(-1, n)
         grad_u = torch.empty_like(g)
         grad_scale = torch.empty(n, dtype=torch.float32)
-        bias32 = bias.float().contiguous() if ctx.has_bias else None
         library().scale_backward(g.data_ptr(), bf16_flag(g), y.data_ptr(), bf16_flag(y), scale.data_ptr(),
-                                 None if bias32 is None else bias32.data_ptr(), grad_u.data_ptr(),
+                                 bias32.data_ptr() if ctx.has_bias else None, grad_u.data_ptr(),
                                  bf16_flag(grad_u), grad_scale.data_ptr(), g.shape[0], n, torch.get_num_threads())
         grad_rot = torch.mm(grad_u, weight)  # [T, d]
         del grad_u
