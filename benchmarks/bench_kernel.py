@@ -13,7 +13,6 @@ the rows are cold in cache, as in a training step). Medians over 7 rounds of 40 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -43,17 +42,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(work: Path, against: str) -> dict[str, str]:
-    """Shared objects of both kernels: {"tree": path, against: path}."""
+    """Shared objects of both kernels, built in `work`: {"tree": path, against: path}."""
     from ropo_ray.adapters import native
 
-    sources = {"tree": Path(SOURCE).read_text(),
-               against: subprocess.run(["git", "show", f"{against}:{SOURCE}"], capture_output=True, text=True,
-                                       check=True).stdout}
+    texts = {"tree": Path(SOURCE).read_text(),
+             against: subprocess.run(["git", "show", f"{against}:{SOURCE}"], capture_output=True, text=True,
+                                     check=True).stdout}
     built = {}
-    for name, text in sources.items():
+    for name, text in texts.items():
         src, lib = work / f"band_chain-{name}.c", work / f"band_chain-{name}.so"
         src.write_text(text)
-        subprocess.run([os.environ.get("CC", "cc"), *native._flags(), str(src), "-o", str(lib)], check=True)
+        native.build_version(src, lib)
         built[name] = str(lib)
     return built
 
@@ -62,18 +61,14 @@ def run_side(args: argparse.Namespace) -> None:
     """Time both builds alternately in this process (on whatever allocator it was started with)."""
     import torch
 
+    from ropo_ray.adapters import native
     from ropo_ray.adapters.ropo_linear import RoPOLinear
     from ropo_ray.adapters.rotation import kernel_spec
     from ropo_ray.train.allocator import loaded_allocator
 
     torch.set_num_threads(args.threads)
-    libs = {}
-    for name, path in json.loads((args.work / "builds.json").read_text()).items():
-        lib = ctypes.CDLL(path)
-        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.chain_forward.argtypes = [ptr, i32, ptr, i32, ptr, ptr, i32, i64, i64, i32]
-        lib.chain_backward.argtypes = [ptr, i32, ptr, i32, ptr, i32, ptr, ptr, ptr, i32, i64, i64, i32]
-        libs[name] = lib
+    libs = {name: native.open_version(Path(path), ("chain_forward", "chain_backward"))
+            for name, path in json.loads((args.work / "builds.json").read_text()).items()}
     torch.manual_seed(0)
     layer = RoPOLinear(torch.nn.Linear(DIM, DIM, bias=False).bfloat16())
     with torch.no_grad():

@@ -55,15 +55,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ROPO_RAY_KERNEL_CACHE", Path.home() / ".cache" / "ropo_ray" / "kernels")).expanduser()
 
 
-def _build(compiler: str, flags: list[str], target: Path) -> None:
+def _build(compiler: str, flags: list[str], target: Path, source: Path = SOURCE) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         out = Path(scratch) / target.name
         # An argument list, never a shell: paths are used as given.
-        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise KernelUnavailable(f"building {SOURCE.name} with {compiler} failed:\n{proc.stderr.strip()}")
+            raise KernelUnavailable(f"building {source.name} with {compiler} failed:\n{proc.stderr.strip()}")
         os.replace(out, target)
+
+
+def build_version(source: Path, target: Path) -> None:
+    """Build `source` (a version of the kernel) into `target` as `library` builds SOURCE (benchmarks/bench_kernel.py
+    compares builds of two revisions); `open_version` loads it."""
+    _build(os.environ.get("CC", "cc"), _flags(), target, source)
+
+
+def open_version(target: Path, names: tuple[str, ...]) -> ctypes.CDLL:
+    """A built kernel version with its functions `names` declared (SIGNATURES)."""
+    return _declare(ctypes.CDLL(str(target)), names)
 
 
 @functools.cache
@@ -79,18 +90,24 @@ def library() -> ctypes.CDLL:
     target = cache_dir() / f"band_chain-{key}.so"
     if not target.exists():
         _build(compiler, flags, target)
-    lib = ctypes.CDLL(str(target))
-    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.chain_forward.argtypes = [ptr, i32, ptr, i32, ptr, ptr, i32, i64, i64, i32]
-    lib.chain_forward.restype = None
-    lib.chain_backward.argtypes = [ptr, i32, ptr, i32, ptr, i32, ptr, ptr, ptr, i32, i64, i64, i32]
-    lib.chain_backward.restype = None
-    lib.scale_backward.argtypes = [ptr, i32, ptr, i32, ptr, ptr, ptr, i32, ptr, i64, i64, i32]
-    lib.scale_backward.restype = None
-    lib.scale_forward.argtypes = [ptr, i32, ptr, ptr, i64, i64, i32]
-    lib.scale_forward.restype = None
-    lib.vector_lanes.argtypes = []
-    lib.vector_lanes.restype = i32
+    return _declare(ctypes.CDLL(str(target)))
+
+
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+SIGNATURES = {  # the kernel's functions: argument types, result type
+    "chain_forward": ([_P, _I32, _P, _I32, _P, _P, _I32, _I64, _I64, _I32], None),
+    "chain_backward": ([_P, _I32, _P, _I32, _P, _I32, _P, _P, _P, _I32, _I64, _I64, _I32], None),
+    "scale_backward": ([_P, _I32, _P, _I32, _P, _P, _P, _I32, _P, _I64, _I64, _I32], None),
+    "scale_forward": ([_P, _I32, _P, _P, _I64, _I64, _I32], None),
+    "vector_lanes": ([], _I32),
+}
+
+
+def _declare(lib: ctypes.CDLL, names: tuple[str, ...] = tuple(SIGNATURES)) -> ctypes.CDLL:
+    """Give the functions `names` of `lib` their argument and result types (SIGNATURES)."""
+    for name in names:
+        function = getattr(lib, name)
+        function.argtypes, function.restype = SIGNATURES[name]
     return lib
 
 
