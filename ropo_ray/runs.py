@@ -205,13 +205,103 @@ def compare_configs(cfg: Config, run_dir: Store) -> list[tuple[str, Config, Stor
 def export_run(model: nn.Module, tokenizer: Any, cfg: Config, out_dir: Path, summary: dict) -> Path:
     """The merged model (plain HF folder), the adapter-only weights and the config that made them.
 
-    Published atomically: written to a temporary sibling, then renamed into place.
+    The merge runs on a deep copy of `model` (`export_streamed` writes a RoPO model's merge from its
+    checkpoint folder instead, without a second copy). Published atomically: written to a temporary
+    sibling, then renamed into place.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     merged = merge_adapter(copy.deepcopy(model), cfg.adapter.type)
-    save_model_folder(merged, tokenizer, tmp / "merged")
+    return _publish(Path(out_dir), trainable, cfg, summary,
+                    lambda folder: save_model_folder(merged, tokenizer, folder))
+
+
+def export_streamed(model_dir: Path, layers: list[str], trainable: dict[str, torch.Tensor], tokenizer: Any,
+                    cfg: Config, out_dir: Path, summary: dict) -> Path | None:
+    """`export_run` for a RoPO model, written tensor by tensor from the folder its base weights came from.
+
+    `layers`: the adapted layers' module names; `trainable`: their trained parameters (`<layer>.rotation.<k>`,
+    `<layer>.magnitude`). Each safetensors file of `model_dir` is rewritten under the same name, its tensors
+    in `model.dtype` (what `load_model` gives the model), each adapted layer's weight replaced by the
+    merged weight diag(m / c) W R^T of a RoPOLinear built around it (`merged_weight`, the same computation
+    `merge_ropo` does on a whole model). Memory holds one tensor and its merge, where `export_run` holds
+    a second model and its deep copy: in a training worker about three times the model in float32 beside
+    the engine's (measured in benchmarks/BENCHMARKS.md). None, to leave the export to `export_run`, when
+    the folder does not hold each adapted weight under `<layer>.weight`, holds a tensor that is not floating
+    point, or a trained parameter belongs to no adapted layer.
+    """
+    from ropo_ray.adapters.ropo_linear import RoPOLinear
+    from ropo_ray.train.model_io import (
+        DTYPES,
+        SAFETENSORS_DTYPES,
+        read_tensor,
+        safetensors_header,
+        tensor_buffer,
+        write_safetensors,
+    )
+
+    folder, dtype = Path(model_dir), DTYPES[cfg.model.dtype]
+    headers = {file: safetensors_header(file) for file in sorted(folder.glob("*.safetensors"))}
+    stored = {name: entry for header in headers.values() for name, entry in header.items()}
+    by_weight = {f"{layer}.weight": layer for layer in layers}
+    owned = [name for name in trainable if any(name.startswith(f"{layer}.") for layer in layers)]
+    if (not headers or any(w not in stored for w in by_weight) or len(owned) != len(trainable)
+            or any(entry["dtype"] not in SAFETENSORS_DTYPES for entry in stored.values())):
+        return None
+    ac = cfg.adapter
+
+    def merged(name: str, weight: torch.Tensor) -> torch.Tensor:
+        layer = by_weight[name]
+        base = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        base.weight = nn.Parameter(weight, requires_grad=False)
+        ropo = RoPOLinear(base, ac.block_sizes, ac.mixing, ac.cayley, ac.neumann_terms, ac.learn_magnitude,
+                          kernel="torch")
+        own = {name[len(layer) + 1:]: value for name, value in trainable.items() if name.startswith(f"{layer}.")}
+        expected = {n for n, p in ropo.named_parameters() if p.requires_grad}
+        if set(own) != expected:
+            raise ValueError(f"export: the trained parameters of {layer} are {sorted(own)}; a RoPO layer with "
+                             f"adapter.block_sizes={list(ac.block_sizes)}, learn_magnitude={ac.learn_magnitude} "
+                             f"has {sorted(expected)}")
+        ropo.load_state_dict(own, strict=False)
+        return ropo.merged_weight()
+
+    def write(out: Path) -> None:
+        from transformers import AutoConfig, GenerationConfig
+
+        out.mkdir(parents=True)
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=cfg.model.trust_remote_code)
+        config.dtype = dtype
+        config.save_pretrained(str(out))
+        if (folder / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(str(folder)).save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        buffer, sizes = tensor_buffer(headers), {}
+        for file, header in headers.items():
+            names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
+            layout = [(name, dtype, tuple(header[name]["shape"])) for name in names]
+
+            def tensors(f: Any, file: Path = file, header: dict = header, names: list[str] = names):
+                for name in names:
+                    tensor = read_tensor(f, file, name, header[name], buffer).to(dtype, copy=True)
+                    yield merged(name, tensor) if name in by_weight else tensor
+
+            with torch.no_grad(), file.open("rb", buffering=0) as f:
+                sizes[file.name] = write_safetensors(out / file.name, layout, tensors(f), {"format": "pt"})
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():  # sharded: the same shards, their new total size
+            content = json.loads(index.read_text(encoding="utf-8"))
+            content.setdefault("metadata", {})["total_size"] = sum(sizes.values())
+            (out / index.name).write_text(json.dumps(content, indent=2), encoding="utf-8")
+
+    return _publish(Path(out_dir), {n: trainable[n].detach().contiguous().cpu() for n in trainable}, cfg, summary,
+                    write)
+
+
+def _publish(out_dir: Path, trainable: dict[str, torch.Tensor], cfg: Config, summary: dict,
+             write_merged: Callable[[Path], None]) -> Path:
+    """Write <out_dir>/merged (by `write_merged`), adapter.safetensors, config.yaml and summary.json into a
+    temporary sibling, then rename it into place."""
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    write_merged(tmp / "merged")
     save_file(trainable, str(tmp / "adapter.safetensors"))
     save_config(cfg, tmp / "config.yaml")
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

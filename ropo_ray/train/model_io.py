@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,55 @@ def safetensors_header(file: Path) -> dict[str, dict]:
     return header
 
 
+def tensor_buffer(headers: dict[Path, dict[str, dict]]) -> torch.Tensor:
+    """One byte buffer as large as the largest tensor of the files (`safetensors_header` of each), for
+    `read_tensor`."""
+    return torch.empty(max(end - start for header in headers.values() for entry in header.values()
+                           for start, end in [entry["data_offsets"]]), dtype=torch.uint8)
+
+
+def read_tensor(f: Any, file: Path, name: str, entry: dict, buffer: torch.Tensor) -> torch.Tensor:
+    """The tensor `entry` (from `safetensors_header`) of the open file `f`, read with one plain read into
+    `buffer`: a view of it, valid until the next read into the same buffer."""
+    start, end = entry["data_offsets"]
+    chunk = buffer[:end - start]
+    f.seek(start)
+    if f.readinto(memoryview(chunk.numpy())) != end - start:
+        raise ValueError(f"{file}: tensor {name} is cut short (the file is truncated)")
+    return chunk.view(SAFETENSORS_DTYPES[entry["dtype"]]).view(entry["shape"])
+
+
+def write_safetensors(path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterable[torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file one tensor at a time; returns the bytes of tensor data written.
+
+    `layout` names each tensor with its dtype and shape, in the order `tensors` yields them; the header
+    (the format's little-endian u64 length, then JSON padded with spaces to a multiple of 8 bytes) is
+    written from it first, then each tensor's bytes as it comes, so memory holds one tensor at a time
+    where `safetensors.torch.save_file` takes them all at once. A tensor that does not match its layout
+    entry, or a count that differs, is an error (the file is then incomplete; callers write to a
+    temporary folder).
+    """
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for (name, dtype, shape), tensor in zip(layout, tensors, strict=True):
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, its header says "
+                                 f"{dtype} {tuple(shape)}")
+            f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return offset
+
+
 def stream_safetensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype, attention: str | None) -> nn.Module | None:
     """The model built empty in `dtype`, its tensors read from the folder's safetensors one at a time.
 
@@ -135,19 +186,12 @@ def stream_safetensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype, atten
     if (set(stored) - set(targets) or any(tuple(targets[k].shape) != tuple(e["shape"]) for k, (_, e) in stored.items())
             or any(t.data_ptr() not in loaded for k, t in targets.items() if k not in stored)):
         return None
-    largest = max(end - start for _, entry in stored.values() for start, end in [entry["data_offsets"]])
-    buffer = torch.empty(largest, dtype=torch.uint8)
+    buffer = tensor_buffer(headers)
     with torch.no_grad():
         for file, header in headers.items():
             with file.open("rb", buffering=0) as f:
                 for name, entry in header.items():
-                    start, end = entry["data_offsets"]
-                    chunk = buffer[:end - start]
-                    f.seek(start)
-                    if f.readinto(memoryview(chunk.numpy())) != end - start:
-                        raise ValueError(f"{file}: tensor {name} is cut short (the file is truncated)")
-                    source = chunk.view(SAFETENSORS_DTYPES[entry["dtype"]]).view(entry["shape"])
-                    targets[name].data.copy_(source)
+                    targets[name].data.copy_(read_tensor(f, file, name, entry, buffer))
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     model.config._name_or_path = str(folder)

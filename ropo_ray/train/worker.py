@@ -180,12 +180,14 @@ def _export(engine: Any, config: dict[str, Any], folder: Path) -> None:
     """Rank 0 writes the merged model and adapter weights into the final checkpoint.
 
     Only the trainable parameters are gathered (one at a time under ZeRO-3); the frozen base comes
-    from the model folder on disk, so no rank ever holds the whole sharded model.
+    from the model folder on disk, so no rank ever holds the whole sharded model. A RoPO model's merge
+    is written tensor by tensor from that folder (`export_streamed`): beside the engine, rank 0 then holds
+    one weight at a time, not a second adapted model and its merged copy.
     """
     import deepspeed
     import ray.train
 
-    from ropo_ray.runs import export_run
+    from ropo_ray.runs import export_run, export_streamed
     from ropo_ray.train.model_io import load_tokenizer
 
     cfg: Config = config["cfg"]
@@ -196,13 +198,17 @@ def _export(engine: Any, config: dict[str, Any], folder: Path) -> None:
                 trainable[name] = param.detach().cpu().clone()
     if ray.train.get_context().get_world_rank() != 0:
         return
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or config["model_dir"], cfg.model)
+    summary = {"step": config["total_steps"]}
+    if cfg.adapter.type == "ropo" and export_streamed(Path(config["model_dir"]), list(ropo_layers(engine.module)),
+                                                      trainable, tokenizer, cfg, folder / "export", summary):
+        return
     fresh = attach_adapter(load_model(config["model_dir"], cfg.model), cfg.adapter)
     missing = set(trainable) - set(dict(fresh.named_parameters()))
     if missing:
         raise RuntimeError(f"export: trained parameters not found in a fresh adapted model: {sorted(missing)[:3]}")
     fresh.load_state_dict(trainable, strict=False)
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or config["model_dir"], cfg.model)
-    export_run(fresh, tokenizer, cfg, folder / "export", {"step": config["total_steps"]})
+    export_run(fresh, tokenizer, cfg, folder / "export", summary)
 
 
 def _train_epoch(run: _Run, train_shard: Any) -> None:
