@@ -14,6 +14,8 @@ pair is `--seq-len` tokens) and the same batch (`--batch` pairs per step) on eve
              TrainConfig defaults: ZeRO-2, AdamW) running `preference_step` + engine.backward + engine.step,
              exactly what a Ray Train worker runs per micro-batch, on rows carrying cached reference log-probs;
 - ropo_bf16: the same with train.precision=bf16;
+- ropo_worker: the product itself, `ropo-ray train` (bf16, activation checkpointing) in a Ray Train worker on a
+             local Ray cluster: the worker's own peak RSS (export included) and pairs/s from its metrics;
 - base:      the model with every weight frozen and the embedding output requiring grad, forward + DPO loss +
              backward (no optimizer): the reference for the RoPO layer's overhead and for MFU.
 
@@ -46,7 +48,7 @@ from benchlib import load_json, machine_busy_seconds, versions, wait_for_quiet
 from ropo_ray.config.training import TrainConfig
 from ropo_ray.train.allocator import worker_env
 
-SIDES = ("trl", "trl_nogc", "ropo_fp32", "ropo_bf16", "ropo_bf16_gc", "base")
+SIDES = ("trl", "trl_nogc", "ropo_fp32", "ropo_bf16", "ropo_bf16_gc", "ropo_worker", "base")
 EXTRA_SIDES = ("ropo_fp32_gc", "ropo_fp32_profile", "ropo_bf16_profile",  # for bench_step.py and one-off checks
                "ropo_overhead_fp32", "ropo_overhead_bf16")
 
@@ -137,7 +139,7 @@ def build_pairs(tokenizer, task_pairs: list[dict], count: int, seq_len: int) -> 
         msgs = fill_prompt(tokenizer, pair["prompt"], context, seq_len - max(len(chosen), len(rejected)))
         rows.append({"prompt_ids": encode_prompt(tokenizer, msgs), "chosen_ids": chosen, "rejected_ids": rejected})
         texts.append({"prompt": tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
-                      "chosen": pair["chosen"], "rejected": pair["rejected"]})
+                      "chosen": pair["chosen"], "rejected": pair["rejected"], "messages": msgs})
     return rows, texts
 
 
@@ -172,7 +174,11 @@ def side_prepare(args: argparse.Namespace) -> dict:
     for row, ref in zip(rows, refs):
         row.update(ref_chosen_logps=ref["ref_chosen_logps"], ref_rejected_logps=ref["ref_rejected_logps"])
     (args.work / "rows.json").write_text(json.dumps(rows))
-    (args.work / "texts.json").write_text(json.dumps(texts))
+    (args.work / "texts.json").write_text(json.dumps([{k: v for k, v in t.items() if k != "messages"} for t in texts]))
+    with (args.work / "pairs.jsonl").open("w") as f:  # for ropo_worker: the messages schema, templated by the product
+        for t in texts:
+            f.write(json.dumps({k: t["messages"] + [{"role": "assistant", "content": t[k]}]
+                                for k in ("chosen", "rejected")}) + "\n")
     longest = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
     real = [2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows]
     return {
@@ -357,6 +363,46 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
             "memory_mib_by_stage": memory, "kept_out": kept_out}
 
 
+def side_ropo_worker(args: argparse.Namespace) -> dict:
+    """The product itself: `ropo-ray train` on a local Ray cluster, one Ray Train worker (DeepSpeed, bf16,
+    activation checkpointing, `--threads` CPUs) on the same model and pairs (the messages schema, so the
+    product's own templating and tokenising give the rows the other sides get; none held out, so every epoch
+    is whole batches). The worker's figures come from its metrics: `peak_rss_mib` of the final record (the
+    largest worker's VmHWM, the export of the merged model included), and pairs/s over the steps after
+    `--warmup`, from the cumulative per-step figures (data, Ray Data's iterator and epoch turns included).
+    The side's own process is the Ray driver; its memory is not the worker's."""
+    run_dir = args.work / "worker-run"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    total = args.warmup + args.steps
+    overrides = [f"model.path={args.work / 'model'}", f"data.train_files=[{args.work / 'pairs.jsonl'}]",
+                 "train.precision=bf16", "train.activation_checkpointing=true", f"train.micro_batch_size={args.batch}",
+                 f"train.max_steps={total}", "train.epochs=1000", f"train.cpus_per_worker={args.threads}",
+                 "train.log_every=1", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
+                 "data.eval_fraction=0", f"cache.root={args.work / 'refcache'}", f"pipeline.run_dir={run_dir}",
+                 f"pipeline.artifacts_dir={args.work / 'artifacts'}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ropo_ray.cli", "train", *overrides], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ropo-ray train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    final = load_json(run_dir / "model" / "run.json")["metrics"]
+    steps = {r["step"]: r for r in map(json.loads, (run_dir / "model" / "metrics.jsonl").read_text().splitlines())
+             if r.get("pairs_per_s")}
+    pairs = {n: n * args.batch for n in steps}  # one worker, no accumulation: batch pairs per step
+    seconds = {n: pairs[n] / steps[n]["pairs_per_s"] for n in steps}  # the cumulative training time
+    tokens = {n: steps[n]["tokens_per_s"] * seconds[n] for n in steps}
+    span = seconds[total] - seconds[args.warmup]
+    return {"steps": args.steps, "seconds": span, "step_seconds": span / args.steps,
+            "pairs_per_s": (pairs[total] - pairs[args.warmup]) / span,
+            "tokens_per_s": (tokens[total] - tokens[args.warmup]) / span,
+            "peak_rss_mib": {"vmhwm": final["peak_rss_mib"]},
+            "peak_rss_mib_training_only": max(r["peak_rss_mib"] for r in steps.values()),
+            "command_seconds": time.perf_counter() - t0, "overrides": overrides,
+            "final_metrics": {k: final[k] for k in ("loss", "eval/loss", "pairs_per_s", "mfu") if k in final}}
+
+
 def side_base(args: argparse.Namespace) -> dict:
     """Frozen model, embedding output requiring grad: forward + DPO loss + backward through every layer."""
     import torch
@@ -455,9 +501,9 @@ def run_side(args: argparse.Namespace) -> None:
                "ropo_bf16_profile": lambda a: side_ropo(a, "bf16", profile=True),
                "ropo_overhead_fp32": lambda a: side_overhead(a, "fp32"),
                "ropo_overhead_bf16": lambda a: side_overhead(a, "bf16"),
-               "base": side_base}
+               "ropo_worker": side_ropo_worker, "base": side_base}
     result = runners[args.side](args)
-    result["peak_rss_mib"] = peak_rss_mib()
+    result.setdefault("peak_rss_mib", peak_rss_mib())  # ropo_worker's is its Ray Train worker's
     args.result.write_text(json.dumps(result))
 
 
@@ -576,7 +622,7 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict[str, float]]) -> 
         "median_step_seconds": {s: med([r["step_seconds"] for r in runs[s]]) for s in sides},
         "median_peak_rss_mib": {s: med([r["peak_rss_mib"]["vmhwm"] for r in runs[s]]) for s in sides},
         "median_rss_after_imports_mib": {s: med([r["rss_after_imports_mib"]["vmhwm"] for r in runs[s]])
-                                         for s in sides},
+                                         for s in sides if "rss_after_imports_mib" in runs[s][0]},
         "median_ceiling_flops": {k: med([c[k] for c in ceilings]) for k in ("fp32", "bf16")},
     }
     summary["speedup_vs_trl"] = {s: pairs[s] / pairs["trl"] for s in sides if s != "trl"}

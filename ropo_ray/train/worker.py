@@ -53,6 +53,28 @@ def _mean_across_ranks(values: dict[str, float], weight: float = 1.0) -> dict[st
     return {k: float(t[i]) / total if total else float("nan") for i, k in enumerate(keys)}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB: VmHWM where /proc has it (Linux), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _max_across_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t[0])
+
+
 def _evaluate(run: _Run) -> dict[str, float]:
     """Held-out loss and rewards (pair-weighted over ranks), the sampled probe when configured, and the
     sweep's objective `eval/objective`."""
@@ -92,6 +114,7 @@ def _save(engine: Any, state: dict[str, Any], metrics: dict[str, float], export:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
         if export is not None:
             _export(engine, export, Path(tmp))
+            metrics = {**metrics, "peak_rss_mib": _max_across_ranks(peak_rss_mib())}  # the export included
         context = ray.train.get_context()  # this rank's sizes and sha256 of its files, written last
         write_record(Path(tmp), context.get_world_rank(), context.get_world_size())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -266,6 +289,7 @@ def _step_record(run: _Run) -> dict[str, float]:
         "pid": os.getpid(),  # rank 0's process: a new one after the group restarts from a checkpoint
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "pairs_per_s": run.world * run.pairs / seconds, "tokens_per_s": run.world * run.tokens / seconds,
+        "peak_rss_mib": _max_across_ranks(peak_rss_mib()),  # the largest worker's peak resident memory so far
         "orthogonality_error": max((m.orthogonality_error() for m in ropo_layers(run.engine.module).values()),
                                    default=0.0),
     })

@@ -53,6 +53,9 @@ def test_loss_starts_at_ln2_falls_and_export_matches(polite_data, tiny_assets, t
     assert result.metrics["eval/loss"] < math.log(2) - 0.1
     assert result.metrics["eval/rewards/accuracies"] >= 0.9
     assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+    peaks = [r["peak_rss_mib"] for r in records if "peak_rss_mib" in r]
+    assert len(peaks) >= 2 and peaks == sorted(peaks)  # one process per rank throughout: a peak never falls
+    assert result.metrics["peak_rss_mib"] >= peaks[-1] > 100  # torch alone holds more than 100 MiB resident
     merged = load_model(tmp_path / "model" / "merged", cfg.model)
     # the exported weights reproduce the trained policy's held-out loss
     rows = joined_rows(load_config(None, [f"pipeline.run_dir={polite_data[0]}"]), polite_data[2], "eval")
