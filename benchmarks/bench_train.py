@@ -381,6 +381,7 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
                  "train.precision=bf16", "train.activation_checkpointing=true", f"train.micro_batch_size={args.batch}",
                  f"train.max_steps={total}", "train.epochs=1000", f"train.cpus_per_worker={args.threads}",
                  "train.log_every=1", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
+                 f"train.worker_niceness={args.worker_niceness}",
                  "data.eval_fraction=0", f"cache.root={args.work / 'refcache'}", f"pipeline.run_dir={run_dir}",
                  f"pipeline.artifacts_dir={args.work / 'artifacts'}"]
     t0 = time.perf_counter()
@@ -513,6 +514,7 @@ def run_side(args: argparse.Namespace) -> None:
 VARIANTS = {
     "jemalloc-defaults": "on jemalloc with jemalloc's own options (MALLOC_CONF unset) instead of --jemalloc-conf",
     "all-imports": "with train.lean_imports=false: Triton and DeepSpeed's Muon module imported (RoPO sides)",
+    "ray-niceness": "ropo_worker with train.worker_niceness=15, the niceness Ray gives worker processes",
 }
 """Side-name suffixes: `side+variant` runs the side with a setting changed, so that both are measured side by side
 in one run (e.g. --sides ropo_bf16,ropo_bf16+jemalloc-defaults)."""
@@ -529,6 +531,7 @@ def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | Non
     cmd = [sys.executable, __file__, "--side", side, "--work", str(args.work), "--result", str(result)]
     if "all-imports" in variants or args.no_lean_imports:
         cmd.append("--no-lean-imports")
+    cmd += ["--worker-niceness", "15" if "ray-niceness" in variants else str(args.worker_niceness)]
     for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads", "rounds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
@@ -665,6 +668,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MALLOC_CONF of the sides on jemalloc (default: train.jemalloc_conf's default)")
     parser.add_argument("--no-lean-imports", action="store_true",
                         help="RoPO sides with train.lean_imports=false (Triton and DeepSpeed's Muon imported)")
+    parser.add_argument("--worker-niceness", type=int, default=TrainConfig().worker_niceness,
+                        help="train.worker_niceness of the ropo_worker side (default: the config's default)")
     parser.add_argument("--allocator-pass", type=int, default=1,
                         help="1: also measure every side's peak RSS on the other allocator")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train.json"))

@@ -158,6 +158,12 @@ class TrainConfig:
     keeps freed pages for reuse instead of returning them after jemalloc's 10 s decay: a step reuses the
     previous step's pages, where decay made it fault fresh ones. RoPO steps ran 6-15% faster than with the
     decay, for at most 43 MiB more peak (BENCHMARKS.md, session 13; results/train_jemalloc_decay.json)."""
+    worker_niceness: int = 0
+    """Scheduling niceness of the Ray Train worker processes (0-19; passed as RAY_worker_niceness in their
+    runtime env, as Ray's job supervisor does for itself). Ray starts worker processes at 15 so that its own
+    processes keep the CPU under load; a training worker then yields to every Ray process that wakes. On a
+    2-core machine the product's bf16 worker ran at 9.54 pairs/s at 0 against 9.42 at 15 (medians of three
+    repeats, 0 ahead by 1.3-2.9% in each; BENCHMARKS.md, session 17). 15 gives Ray's default back."""
     lean_imports: bool = True
     """Keep out of the workers what they import but never call (ropo_ray/train/lean.py): Triton, the GPU
     kernel compiler torch._dynamo loads, on CPU workers (71 MiB of a worker's peak), and DeepSpeed's Muon
@@ -182,6 +188,8 @@ class TrainConfig:
         check(self.probe_prompts >= 0, "train.probe_prompts", "must be >= 0 (0 turns the probe off)")
         check(self.probe_max_tokens >= 1, "train.probe_max_tokens", "must be >= 1")
         check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        check(0 <= self.worker_niceness <= 19, "train.worker_niceness",
+              f"must be in 0-19 (raising a process's priority above 0 needs privileges), got {self.worker_niceness}")
         options = self.jemalloc_conf.split(",") if self.jemalloc_conf else []
         malformed = [o for o in options if not JEMALLOC_OPTION.fullmatch(o)]
         check(not malformed, "train.jemalloc_conf",

@@ -260,9 +260,9 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepa
                              callbacks=[MetricsLog(metrics_log.location), *(callbacks or [])],
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             worker_runtime_env={"env_vars": worker_env(tc.allocator,
-                                                                        os.environ.get("LD_PRELOAD", ""),
-                                                                        tc.jemalloc_conf)}),
+                             worker_runtime_env={"env_vars": {
+                                 **worker_env(tc.allocator, os.environ.get("LD_PRELOAD", ""), tc.jemalloc_conf),
+                                 "RAY_worker_niceness": str(tc.worker_niceness)}}),
     )
     result = trainer.fit()
     if result.checkpoint is not None:

@@ -87,7 +87,7 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_as
     from that checkpoint (no fresh start), the run finishes, and its final held-out loss matches an
     uninterrupted run's within 0.02 (data order after a restart may differ, so not bit for bit). The workers
     run on the allocator asked for: jemalloc mapped into both processes (the runtime env's LD_PRELOAD), with
-    train.jemalloc_conf in their environment; and without Triton (train.lean_imports)."""
+    train.jemalloc_conf in their environment; without Triton (train.lean_imports); at niceness 0."""
     common = ["train.num_workers=2", "train.micro_batch_size=8", "train.checkpoint_every=4", "train.max_failures=2",
               "train.allocator=jemalloc"]
     _, clean = run(polite_data, tiny_assets, tmp_path / "clean", common, name="clean")
@@ -108,6 +108,8 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(polite_data, tiny_as
     assert all("libtorch_cpu" in m and "libtriton" not in m for m in maps)
     conf = f"MALLOC_CONF={TrainConfig().jemalloc_conf}".encode()  # jemalloc's options came with it
     assert all(conf in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in workers)
+    # train.worker_niceness (default 0): the workers run at that niceness, not at the 15 Ray gives workers
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in workers] == [TrainConfig().worker_niceness] * 2 == [0, 0]
     os.kill(workers[-1], signal.SIGKILL)
     thread.join(timeout=900)
     result, records = box["result"], read_metrics(log)

@@ -41,6 +41,8 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("task.num_heads=8", "head_dim"),
         ("train.lr", "must look like section.key=value"),
         ("train.jemalloc_conf=dirty_decay_ms=-1", "train.jemalloc_conf: expected name:value options"),
+        ("train.worker_niceness=-5", "train.worker_niceness: must be in 0-19"),
+        ("train.worker_niceness=20", "train.worker_niceness: must be in 0-19"),
     ],
 )
 def test_bad_input_names_the_key(override, fragment):
