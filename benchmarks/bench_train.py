@@ -366,11 +366,12 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
 def side_ropo_worker(args: argparse.Namespace) -> dict:
     """The product itself: `ropo-ray train` on a local Ray cluster, one Ray Train worker (DeepSpeed, bf16,
     activation checkpointing, `--threads` CPUs) on the same model and pairs (the messages schema, so the
-    product's own templating and tokenising give the rows the other sides get; none held out, so every epoch
-    is whole batches). The worker's figures come from its metrics: `peak_rss_mib` of the final record (the
-    largest worker's VmHWM, the export of the merged model included), and pairs/s over the steps after
-    `--warmup`, from the cumulative per-step figures (data, Ray Data's iterator and epoch turns included).
-    The side's own process is the Ray driver; its memory is not the worker's."""
+    product's own templating and tokenising give the rows the other sides get; data.eval_fraction at its
+    default, so the held-out evaluations run as they do for a user). The worker's figures come from its
+    metrics: `peak_rss_mib` of the final record (the largest worker's VmHWM, the export of the merged model
+    included), and pairs/s over the steps after `--warmup`, from the cumulative per-step pairs/s and training
+    seconds (data, Ray Data's iterator and epoch turns included; evaluations and checkpoints are not training
+    time). The side's own process is the Ray driver; its memory is not the worker's."""
     run_dir = args.work / "worker-run"
     if run_dir.exists():
         import shutil
@@ -382,7 +383,7 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
                  f"train.max_steps={total}", "train.epochs=1000", f"train.cpus_per_worker={args.threads}",
                  "train.log_every=1", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
                  f"train.worker_niceness={args.worker_niceness}",
-                 "data.eval_fraction=0", f"cache.root={args.work / 'refcache'}", f"pipeline.run_dir={run_dir}",
+                 f"cache.root={args.work / 'refcache'}", f"pipeline.run_dir={run_dir}",
                  f"pipeline.artifacts_dir={args.work / 'artifacts'}"]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "ropo_ray.cli", "train", *overrides], capture_output=True, text=True)
@@ -391,8 +392,8 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
     final = load_json(run_dir / "model" / "run.json")["metrics"]
     steps = {r["step"]: r for r in map(json.loads, (run_dir / "model" / "metrics.jsonl").read_text().splitlines())
              if r.get("pairs_per_s")}
-    pairs = {n: n * args.batch for n in steps}  # one worker, no accumulation: batch pairs per step
-    seconds = {n: pairs[n] / steps[n]["pairs_per_s"] for n in steps}  # the cumulative training time
+    seconds = {n: steps[n]["train_seconds"] for n in steps}  # cumulative, as are pairs/s and tokens/s
+    pairs = {n: steps[n]["pairs_per_s"] * seconds[n] for n in steps}
     tokens = {n: steps[n]["tokens_per_s"] * seconds[n] for n in steps}
     span = seconds[total] - seconds[args.warmup]
     return {"steps": args.steps, "seconds": span, "step_seconds": span / args.steps,

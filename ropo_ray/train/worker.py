@@ -289,6 +289,7 @@ def _step_record(run: _Run) -> dict[str, float]:
         "pid": os.getpid(),  # rank 0's process: a new one after the group restarts from a checkpoint
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "pairs_per_s": run.world * run.pairs / seconds, "tokens_per_s": run.world * run.tokens / seconds,
+        "train_seconds": run.seconds,  # this rank's time in training micro-batches in this attempt so far
         "peak_rss_mib": _max_across_ranks(peak_rss_mib()),  # the largest worker's peak resident memory so far
         "orthogonality_error": max((m.orthogonality_error() for m in ropo_layers(run.engine.module).values()),
                                    default=0.0),

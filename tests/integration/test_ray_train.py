@@ -56,6 +56,8 @@ def test_loss_starts_at_ln2_falls_and_export_matches(polite_data, tiny_assets, t
     peaks = [r["peak_rss_mib"] for r in records if "peak_rss_mib" in r]
     assert len(peaks) >= 2 and peaks == sorted(peaks)  # one process per rank throughout: a peak never falls
     assert result.metrics["peak_rss_mib"] >= peaks[-1] > 100  # torch alone holds more than 100 MiB resident
+    seconds = [r["train_seconds"] for r in records if "train_seconds" in r]
+    assert seconds == sorted(seconds) and seconds[0] > 0  # time in training steps only accumulates
     merged = load_model(tmp_path / "model" / "merged", cfg.model)
     # the exported weights reproduce the trained policy's held-out loss
     rows = joined_rows(load_config(None, [f"pipeline.run_dir={polite_data[0]}"]), polite_data[2], "eval")
