@@ -224,8 +224,8 @@ def export_streamed(model_dir: Path, layers: list[str], trainable: dict[str, tor
     in `model.dtype` (what `load_model` gives the model), each adapted layer's weight replaced by the
     merged weight diag(m / c) W R^T of a RoPOLinear built around it (`merged_weight`, the same computation
     `merge_ropo` does on a whole model). Memory holds one tensor and its merge, where `export_run` holds
-    a second model and its deep copy: in a training worker about three times the model in float32 beside
-    the engine's (measured in benchmarks/BENCHMARKS.md). None, to leave the export to `export_run`, when
+    a second model and its deep copy: a training worker's peak rose by 378 MiB for a 196 MiB float32 model,
+    and by 4 MiB streamed (BENCHMARKS.md, session 17). None, to leave the export to `export_run`, when
     the folder does not hold each adapted weight under `<layer>.weight`, holds a tensor that is not floating
     point, or a trained parameter belongs to no adapted layer.
     """
