@@ -207,15 +207,16 @@ class Store:
         """Copy a local file or folder here."""
         self.copy_from(Store(local))
 
-    def append_line(self, line: str) -> None:
-        """Append one line: in place locally; an object store rewrites the object (small logs only)."""
+    def append_lines(self, lines: list[str]) -> None:
+        """Append lines in one write: in place locally; an object store rewrites the object (small logs only)."""
+        text = "".join(line + "\n" for line in lines)
         if not self.remote:
             self.parent().makedirs()
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+                f.write(text)
             return
         existing = self.read_text() if self.is_file() else ""
-        self.write_text(existing + line + "\n")
+        self.write_text(existing + text)
 
     def download(self, local: str | Path) -> Path:
         """Copy this file or folder to a local path; returns it."""

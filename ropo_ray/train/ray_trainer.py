@@ -34,6 +34,7 @@ from ropo_ray.storage import Store, store
 from ropo_ray.train.allocator import worker_env
 from ropo_ray.train.checkpoints import CheckpointCorrupt, check_files, file_records, verify_resume_checkpoint
 from ropo_ray.train.model_io import load_tokenizer
+from ropo_ray.train.reports import latest, unpack
 from ropo_ray.train.worker import train_loop_per_worker
 
 PAIR_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids"]
@@ -43,15 +44,23 @@ REF_COLUMNS = ["pair_id", "ref_chosen_logps", "ref_rejected_logps"]
 class MetricsLog(UserCallback):
     """Appends rank 0's reported metrics to a JSON-lines file (Ray Train V2 keeps no metric history).
 
-    Runs in the Ray Train controller; the file is the run's training curve for reports and tests.
+    Runs in the Ray Train controller; the file is the run's training curve for reports and tests. A report
+    carries the step records the worker kept while a report would have waited (`ropo_ray.train.reports`):
+    each becomes its own line, oldest first, with the time the worker made it; `report` numbers the reports
+    this controller received, so the lines one report brought share it.
     """
 
     def __init__(self, location: str) -> None:
         self.location = location
+        self.reports = 0
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        record = {**metrics[0], "time": time.time(), "checkpoint": checkpoint.path if checkpoint else None}
-        Store(self.location).append_line(json.dumps(record))
+        self.reports += 1
+        *earlier, record = unpack(metrics[0])
+        lines = [{"time": time.time(), **r, "report": self.reports, "checkpoint": None} for r in earlier]
+        lines.append({"time": time.time(), **record, "report": self.reports,
+                      "checkpoint": checkpoint.path if checkpoint else None})
+        Store(self.location).append_lines([json.dumps(r) for r in lines])
 
 
 def read_metrics(path: str | Path | Store) -> list[dict[str, Any]]:
@@ -265,6 +274,7 @@ def train_ray(cfg: Config, model_dir: Path, cache_dir: str | Path | Store, prepa
                                  "RAY_worker_niceness": str(tc.worker_niceness)}}),
     )
     result = trainer.fit()
+    result.metrics = latest(result.metrics or {})  # the final record, not the earlier ones it carried
     if result.checkpoint is not None:
         relative = result.checkpoint.path[len(storage.path.rstrip("/")) + 1:]  # checkpoints live under storage
         export = storage.child(*relative.split("/"), "export")

@@ -30,6 +30,7 @@ from ropo_ray.train.flops import StepFlopModel, batch_sizes, measure_peak_flops,
 from ropo_ray.train.lean import keep_lean
 from ropo_ray.train.model_io import cpu_bf16_warning, load_model
 from ropo_ray.train.probe import penalised_objective, probe
+from ropo_ray.train.reports import Reports
 from ropo_ray.train.schedule import warmup_cosine_scheduler
 from ropo_ray.train.step import evaluate_pairs, make_batch, preference_step
 
@@ -68,11 +69,12 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _max_across_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+def _max_across_ranks(*values: float) -> list[float]:
+    """Each value's maximum over all ranks, in one all-reduce."""
+    t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t[0])
+    return t.tolist()
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
@@ -102,8 +104,8 @@ def _probe(engine: Any, rows: list[dict], pad_id: int, cfg: Config, eos_id: int 
     return _mean_across_ranks({f"eval/{k}": v for k, v in local.items()}, 1.0 if rows else 0.0)
 
 
-def _save(engine: Any, state: dict[str, Any], metrics: dict[str, float], export: dict[str, Any] | None = None
-          ) -> None:
+def _save(engine: Any, reports: Reports, state: dict[str, Any], metrics: dict[str, float],
+          export: dict[str, Any] | None = None) -> None:
     """Every rank saves its part (rank 0 the module's trainable weights, each rank its optimizer shard);
     with `export` (the final checkpoint) rank 0 adds the merged model."""
     import ray.train
@@ -114,10 +116,10 @@ def _save(engine: Any, state: dict[str, Any], metrics: dict[str, float], export:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
         if export is not None:
             _export(engine, export, Path(tmp))
-            metrics = {**metrics, "peak_rss_mib": _max_across_ranks(peak_rss_mib())}  # the export included
+            metrics = {**metrics, "peak_rss_mib": _max_across_ranks(peak_rss_mib())[0]}  # the export included
         context = ray.train.get_context()  # this rank's sizes and sha256 of its files, written last
         write_record(Path(tmp), context.get_world_rank(), context.get_world_size())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        reports.send(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _restore(engine: Any) -> dict[str, Any]:
@@ -142,6 +144,7 @@ class _Run:
     world: int
     eval_shard: Any
     writer: Any
+    reports: Reports
     state: dict[str, Any]
     flop_model: StepFlopModel
     peak_flops: float
@@ -153,6 +156,7 @@ class _Run:
     flops: float = 0.0
     totals: dict[str, float] = field(default_factory=dict)
     last_record: dict[str, float] = field(default_factory=dict)
+    report_due: bool = True  # the ranks' common verdict at the last step: a plain report now would not wait
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -185,10 +189,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     run = _Run(engine, cfg, config["pad_id"], config["total_steps"], ctx.get_world_size(),
                ray.train.get_dataset_shard("eval"), _tensorboard(config.get("tensorboard_dir"), ctx.get_world_rank()),
-               _restore(engine), flop_model, peak, config.get("eos_id"))
+               Reports(ray.train.report), _restore(engine), flop_model, peak, config.get("eos_id"))
     train_shard = ray.train.get_dataset_shard("train")
     if run.state["step"] == 0:  # the step-0 policy is the reference: held-out DPO loss ln 2
-        ray.train.report({"step": 0, **_evaluate(run)})
+        run.reports.send({"step": 0, **_evaluate(run)})
         run.mark = time.perf_counter()
     while run.state["epoch"] < tc.epochs and run.state["step"] < run.total_steps:
         _train_epoch(run, train_shard)
@@ -196,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             run.state["epoch"], run.state["batches_in_epoch"] = run.state["epoch"] + 1, 0
     record = {**run.last_record, "step": run.state["step"], **_evaluate(run)}
     _log(run.writer, record)
-    _save(engine, run.state, record, export=config)
+    _save(engine, run.reports, run.state, record, export=config)
 
 
 def _export(engine: Any, config: dict[str, Any], folder: Path) -> None:
@@ -236,7 +240,6 @@ def _export(engine: Any, config: dict[str, Any], folder: Path) -> None:
 
 def _train_epoch(run: _Run, train_shard: Any) -> None:
     """One pass over this worker's shard (from the saved position when resuming), until total_steps."""
-    import ray.train
 
     tc = run.cfg.train
     batches = train_shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="pyarrow",
@@ -271,9 +274,11 @@ def _train_epoch(run: _Run, train_shard: Any) -> None:
             record.update(_evaluate(run))
         _log(run.writer, record)
         if step % tc.checkpoint_every == 0:
-            _save(run.engine, run.state, record)
-        elif step % tc.log_every == 0 or "eval/loss" in record:
-            ray.train.report(record)
+            _save(run.engine, run.reports, run.state, record)
+        elif "eval/loss" in record:
+            run.reports.send(record)
+        elif step % tc.log_every == 0:
+            run.reports.log(record, run.report_due)  # kept for the next report while one would wait
         run.mark = time.perf_counter()  # evaluation, checkpoints and reports are not training time
 
 
@@ -283,6 +288,8 @@ def _step_record(run: _Run) -> dict[str, float]:
     # model-FLOPs utilisation: the FLOPs the steps needed (flops.py) per second, over this worker's peak
     record = _mean_across_ranks({**run.totals, "mfu": run.flops / seconds / run.peak_flops})
     run.totals = {}
+    peak, due = _max_across_ranks(peak_rss_mib(), float(run.reports.due()))
+    run.report_due = due > 0
     grad_norm = run.engine.get_global_grad_norm()
     record.update({
         "step": run.state["step"], "epoch": run.state["epoch"], "lr": run.engine.get_lr()[0],
@@ -290,7 +297,7 @@ def _step_record(run: _Run) -> dict[str, float]:
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "pairs_per_s": run.world * run.pairs / seconds, "tokens_per_s": run.world * run.tokens / seconds,
         "train_seconds": run.seconds,  # this rank's time in training micro-batches in this attempt so far
-        "peak_rss_mib": _max_across_ranks(peak_rss_mib()),  # the largest worker's peak resident memory so far
+        "peak_rss_mib": peak,  # the largest worker's peak resident memory so far
         "orthogonality_error": max((m.orthogonality_error() for m in ropo_layers(run.engine.module).values()),
                                    default=0.0),
     })

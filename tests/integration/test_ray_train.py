@@ -54,10 +54,17 @@ def test_loss_starts_at_ln2_falls_and_export_matches(polite_data, tiny_assets, t
     assert result.metrics["eval/rewards/accuracies"] >= 0.9
     assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
     peaks = [r["peak_rss_mib"] for r in records if "peak_rss_mib" in r]
-    assert len(peaks) >= 2 and peaks == sorted(peaks)  # one process per rank throughout: a peak never falls
+    # one process per rank throughout: a peak never falls (by more than the few pages Linux's per-CPU RSS
+    # counters may lag by when read; a new process would start hundreds of MiB lower)
+    assert len(peaks) >= 2 and all(later > earlier - 1 for earlier, later in zip(peaks, peaks[1:]))
     assert result.metrics["peak_rss_mib"] >= peaks[-1] > 100  # torch alone holds more than 100 MiB resident
     seconds = [r["train_seconds"] for r in records if "train_seconds" in r]
     assert seconds == sorted(seconds) and seconds[0] > 0  # time in training steps only accumulates
+    # log_every=1: every step's record reaches the log once, in order, though records made while a report
+    # would have waited for the controller's poll travel together (ropo_ray.train.reports)
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, result.metrics["step"] + 1))
+    assert len({r["report"] for r in records}) < len(records)
+    assert "earlier_records" not in result.metrics
     merged = load_model(tmp_path / "model" / "merged", cfg.model)
     # the exported weights reproduce the trained policy's held-out loss
     rows = joined_rows(load_config(None, [f"pipeline.run_dir={polite_data[0]}"]), polite_data[2], "eval")

@@ -39,9 +39,9 @@ def test_write_read_list_and_remove(root):
     assert listed.read_text() == "abc"  # a listed file keeps the URI's options (endpoint, credentials)
     root.child("data", "sub").remove()
     assert not root.child("data", "sub", "c.parquet").exists() and root.child("data", "a.json").exists()
-    root.child("log.jsonl").append_line("1")
-    root.child("log.jsonl").append_line("2")
-    assert root.child("log.jsonl").read_text() == "1\n2\n"
+    root.child("log.jsonl").append_lines(["1"])
+    root.child("log.jsonl").append_lines(["2", "3"])
+    assert root.child("log.jsonl").read_text() == "1\n2\n3\n"
 
 
 def test_publish_replaces_the_folder_with_the_marker_last(root):
