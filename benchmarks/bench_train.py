@@ -310,7 +310,8 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
     init_single_process_group()
     total = args.warmup + args.steps
     tc = TrainConfig(micro_batch_size=args.batch, precision=precision, max_steps=total,
-                     activation_checkpointing=checkpointing, lean_imports=not args.no_lean_imports)
+                     activation_checkpointing=checkpointing, lean_imports=not args.no_lean_imports,
+                     shared_prompt=not args.concatenated)
     ds_cfg = deepspeed_config(tc, 1)
     kept_out = keep_lean(ds_cfg, tc.use_gpu) if tc.lean_imports else []  # as the worker does
     torch.manual_seed(tc.seed)
@@ -333,7 +334,7 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
         if profiler is not None and i == args.warmup:
             profiler.__enter__()
         td = time.perf_counter()
-        batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], pad_id)
+        batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], pad_id, tc.shared_prompt)
         t0 = time.perf_counter()
         loss, _ = preference_step(engine, batch, loss_cfg)
         t1 = time.perf_counter()
@@ -357,6 +358,7 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
             "trainable_parameters": trainable,
             "flop_model": {"per_token": flop_model.per_token, "per_length_sq": flop_model.per_length_sq},
             "phase_seconds": phases, "zero_stage": tc.zero_stage, "precision": precision,
+            "shared_prompt": tc.shared_prompt,
             "activation_checkpointing": tc.activation_checkpointing,
             "module_dtype": str(next(engine.module.parameters()).dtype),
             "attention": engine.module.config._attn_implementation, "rss_after_imports_mib": after_imports,
@@ -382,7 +384,7 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
                  "train.precision=bf16", "train.activation_checkpointing=true", f"train.micro_batch_size={args.batch}",
                  f"train.max_steps={total}", "train.epochs=1000", f"train.cpus_per_worker={args.threads}",
                  "train.log_every=1", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
-                 f"train.worker_niceness={args.worker_niceness}",
+                 f"train.worker_niceness={args.worker_niceness}", f"train.shared_prompt={not args.concatenated}",
                  f"cache.root={args.work / 'refcache'}", f"pipeline.run_dir={run_dir}",
                  f"pipeline.artifacts_dir={args.work / 'artifacts'}"]
     t0 = time.perf_counter()
@@ -425,7 +427,7 @@ def side_base(args: argparse.Namespace) -> dict:
     step_ends, sizes, phases = [], [], {"forward": 0.0, "backward": 0.0}
     window = Window()
     for i in range(args.warmup + args.steps):
-        batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], 0)
+        batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], 0, not args.concatenated)
         t0 = time.perf_counter()
         loss, _ = preference_step(model, batch, loss_cfg)
         t1 = time.perf_counter()
@@ -469,7 +471,8 @@ def side_overhead(args: argparse.Namespace, precision: str) -> dict:
     model.enable_input_require_grads()
     model.train()
     rows, loss_cfg = load_json(args.work / "rows.json"), LossConfig()
-    batches = [make_batch(rows[i * args.batch:(i + 1) * args.batch], 0) for i in range(args.warmup + args.steps)]
+    batches = [make_batch(rows[i * args.batch:(i + 1) * args.batch], 0, not args.concatenated)
+               for i in range(args.warmup + args.steps)]
     times: dict[str, list[float]] = {"ropo": [], "frozen": []}
     window = Window()
     for i in range(args.warmup + args.rounds):
@@ -516,6 +519,7 @@ VARIANTS = {
     "jemalloc-defaults": "on jemalloc with jemalloc's own options (MALLOC_CONF unset) instead of --jemalloc-conf",
     "all-imports": "with train.lean_imports=false: Triton and DeepSpeed's Muon module imported (RoPO sides)",
     "ray-niceness": "ropo_worker with train.worker_niceness=15, the niceness Ray gives worker processes",
+    "concatenated": "with train.shared_prompt=false: chosen and rejected stacked, each prompt run twice (RoPO sides)",
 }
 """Side-name suffixes: `side+variant` runs the side with a setting changed, so that both are measured side by side
 in one run (e.g. --sides ropo_bf16,ropo_bf16+jemalloc-defaults)."""
@@ -533,6 +537,8 @@ def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | Non
     if "all-imports" in variants or args.no_lean_imports:
         cmd.append("--no-lean-imports")
     cmd += ["--worker-niceness", "15" if "ray-niceness" in variants else str(args.worker_niceness)]
+    if "concatenated" in variants or args.concatenated:
+        cmd.append("--concatenated")
     for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads", "rounds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
@@ -669,6 +675,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MALLOC_CONF of the sides on jemalloc (default: train.jemalloc_conf's default)")
     parser.add_argument("--no-lean-imports", action="store_true",
                         help="RoPO sides with train.lean_imports=false (Triton and DeepSpeed's Muon imported)")
+    parser.add_argument("--concatenated", action="store_true",
+                        help="RoPO sides with train.shared_prompt=false (each prompt run twice, as TRL does)")
     parser.add_argument("--worker-niceness", type=int, default=TrainConfig().worker_niceness,
                         help="train.worker_niceness of the ropo_worker side (default: the config's default)")
     parser.add_argument("--allocator-pass", type=int, default=1,

@@ -136,6 +136,9 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
+        check(not self.train.shared_prompt or self.model.attn_implementation in ("auto", "eager", "sdpa"),
+              "train.shared_prompt", "needs attention that applies a 4D additive mask (eager or sdpa); "
+              f"model.attn_implementation={self.model.attn_implementation} does not: set train.shared_prompt=false")
         if self.tune.kl_penalty or self.tune.length_penalty:
             check(self.train.probe_prompts > 0, "train.probe_prompts",
                   "tune.kl_penalty / tune.length_penalty need the probe: set train.probe_prompts > 0")

@@ -144,6 +144,12 @@ class TrainConfig:
     """A DeepSpeed JSON file honoured as given; "auto" values in it are filled from these settings."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass (works with only the adapters trainable)."""
+    shared_prompt: bool = True
+    """Run each pair's prompt once: one row [prompt | chosen | rejected] per pair, with an attention mask that
+    keeps the rejected tokens from seeing the chosen ones and positions that start both completions at the
+    prompt's end (ropo_ray/train/logprobs.py; arXiv 2410.20305). The same log-probs as stacking chosen and
+    rejected sequences (false), in fewer tokens: 89 instead of 150 per pair on issue 8's benchmark pairs.
+    Needs attention that applies a 4D additive mask: model.attn_implementation auto, eager or sdpa."""
     checkpoint_every: int = 50
     """Save a Ray Train checkpoint every N optimizer steps (and at the end)."""
     keep_checkpoints: int = 2

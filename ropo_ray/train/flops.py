@@ -14,6 +14,8 @@ time it took and the hardware's peak. "Needs" here follows from which weights tr
   not per token, and is left out;
 - recomputation under activation checkpointing and padding tokens are hardware work, not model
   work: they lower MFU instead of being counted.
+- with the shared-prompt layout (train.shared_prompt) a pair is one sequence of prompt + chosen + rejected
+  tokens, the prompt counted once, and its attention T^2 is that sequence's: the model work of that layout.
 """
 
 from __future__ import annotations

@@ -43,11 +43,18 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("train.jemalloc_conf=dirty_decay_ms=-1", "train.jemalloc_conf: expected name:value options"),
         ("train.worker_niceness=-5", "train.worker_niceness: must be in 0-19"),
         ("train.worker_niceness=20", "train.worker_niceness: must be in 0-19"),
+        ("model.attn_implementation=flash_attention_2", "train.shared_prompt: needs attention that applies a 4D"),
     ],
 )
 def test_bad_input_names_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_shared_prompt_is_off_for_attention_without_4d_masks():
+    cfg = load_config(None, ["model.attn_implementation=flash_attention_2", "train.shared_prompt=false"])
+    assert not cfg.train.shared_prompt
+    assert load_config().train.shared_prompt and load_config(None, ["model.attn_implementation=sdpa"]).train.shared_prompt
 
 
 def test_config_is_frozen():
