@@ -1,7 +1,9 @@
 """Reference log-probs of tokenised pairs (torch only): the numbers the cache stores.
 
-Pairs are scored in length-sorted batches so little compute is spent on padding, through the same
-`concatenated_forward` the trainer uses, so at step 0 a RoPO policy reproduces them exactly.
+Pairs are scored in length-sorted batches so little compute is spent on padding, through
+`concatenated_forward`. The trainer computes the same log-probs (its shared-prompt layout by default,
+`ropo_ray.train.logprobs`), so at step 0 a RoPO policy reproduces them: the held-out loss is ln 2 within
+1e-5 in float32 (tests/integration/test_ray_train.py).
 """
 
 from __future__ import annotations
