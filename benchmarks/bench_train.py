@@ -311,7 +311,7 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
     total = args.warmup + args.steps
     tc = TrainConfig(micro_batch_size=args.batch, precision=precision, max_steps=total,
                      activation_checkpointing=checkpointing, lean_imports=not args.no_lean_imports,
-                     shared_prompt=not args.concatenated)
+                     shared_prompt=not args.concatenated, pad_to_multiple=args.pad_to_multiple)
     ds_cfg = deepspeed_config(tc, 1)
     kept_out = keep_lean(ds_cfg, tc.use_gpu) if tc.lean_imports else []  # as the worker does
     torch.manual_seed(tc.seed)
@@ -334,7 +334,7 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
         if profiler is not None and i == args.warmup:
             profiler.__enter__()
         td = time.perf_counter()
-        batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], pad_id, tc.shared_prompt)
+        batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], pad_id, tc.shared_prompt, tc.pad_to_multiple)
         t0 = time.perf_counter()
         loss, _ = preference_step(engine, batch, loss_cfg)
         t1 = time.perf_counter()
@@ -358,7 +358,7 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
             "trainable_parameters": trainable,
             "flop_model": {"per_token": flop_model.per_token, "per_length_sq": flop_model.per_length_sq},
             "phase_seconds": phases, "zero_stage": tc.zero_stage, "precision": precision,
-            "shared_prompt": tc.shared_prompt,
+            "shared_prompt": tc.shared_prompt, "pad_to_multiple": tc.pad_to_multiple,
             "activation_checkpointing": tc.activation_checkpointing,
             "module_dtype": str(next(engine.module.parameters()).dtype),
             "attention": engine.module.config._attn_implementation, "rss_after_imports_mib": after_imports,
@@ -385,6 +385,7 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
                  f"train.max_steps={total}", "train.epochs=1000", f"train.cpus_per_worker={args.threads}",
                  "train.log_every=1", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
                  f"train.worker_niceness={args.worker_niceness}", f"train.shared_prompt={not args.concatenated}",
+                 f"train.pad_to_multiple={args.pad_to_multiple}",
                  f"cache.root={args.work / 'refcache'}", f"pipeline.run_dir={run_dir}",
                  f"pipeline.artifacts_dir={args.work / 'artifacts'}"]
     t0 = time.perf_counter()
@@ -427,7 +428,7 @@ def side_base(args: argparse.Namespace) -> dict:
     step_ends, sizes, phases = [], [], {"forward": 0.0, "backward": 0.0}
     window = Window()
     for i in range(args.warmup + args.steps):
-        batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], 0, not args.concatenated)
+        batch = make_batch(rows[i * args.batch:(i + 1) * args.batch], 0, not args.concatenated, args.pad_to_multiple)
         t0 = time.perf_counter()
         loss, _ = preference_step(model, batch, loss_cfg)
         t1 = time.perf_counter()
@@ -471,7 +472,7 @@ def side_overhead(args: argparse.Namespace, precision: str) -> dict:
     model.enable_input_require_grads()
     model.train()
     rows, loss_cfg = load_json(args.work / "rows.json"), LossConfig()
-    batches = [make_batch(rows[i * args.batch:(i + 1) * args.batch], 0, not args.concatenated)
+    batches = [make_batch(rows[i * args.batch:(i + 1) * args.batch], 0, not args.concatenated, args.pad_to_multiple)
                for i in range(args.warmup + args.steps)]
     times: dict[str, list[float]] = {"ropo": [], "frozen": []}
     window = Window()
@@ -520,6 +521,8 @@ VARIANTS = {
     "all-imports": "with train.lean_imports=false: Triton and DeepSpeed's Muon module imported (RoPO sides)",
     "ray-niceness": "ropo_worker with train.worker_niceness=15, the niceness Ray gives worker processes",
     "concatenated": "with train.shared_prompt=false: chosen and rejected stacked, each prompt run twice (RoPO sides)",
+    "pad8": "with train.pad_to_multiple=8 (RoPO sides)",
+    "pad16": "with train.pad_to_multiple=16 (RoPO sides)",
 }
 """Side-name suffixes: `side+variant` runs the side with a setting changed, so that both are measured side by side
 in one run (e.g. --sides ropo_bf16,ropo_bf16+jemalloc-defaults)."""
@@ -539,6 +542,8 @@ def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | Non
     cmd += ["--worker-niceness", "15" if "ray-niceness" in variants else str(args.worker_niceness)]
     if "concatenated" in variants or args.concatenated:
         cmd.append("--concatenated")
+    pads = [int(v[3:]) for v in variants if v.startswith("pad")]
+    cmd += ["--pad-to-multiple", str(pads[0] if pads else args.pad_to_multiple)]
     for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads", "rounds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     load_before = float(Path("/proc/loadavg").read_text().split()[0])
@@ -677,6 +682,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="RoPO sides with train.lean_imports=false (Triton and DeepSpeed's Muon imported)")
     parser.add_argument("--concatenated", action="store_true",
                         help="RoPO sides with train.shared_prompt=false (each prompt run twice, as TRL does)")
+    parser.add_argument("--pad-to-multiple", type=int, default=TrainConfig().pad_to_multiple,
+                        help="train.pad_to_multiple of the RoPO sides (default: the config's default)")
     parser.add_argument("--worker-niceness", type=int, default=TrainConfig().worker_niceness,
                         help="train.worker_niceness of the ropo_worker side (default: the config's default)")
     parser.add_argument("--allocator-pass", type=int, default=1,

@@ -29,13 +29,19 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None
     return out
 
 
-def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
-                      ) -> dict[str, torch.Tensor]:
+def padded_width(longest: int, multiple: int) -> int:
+    """`longest` rounded up to a multiple of `multiple`: batches then come in few distinct shapes, and oneDNN
+    builds (and keeps) kernels for each shape it meets (BENCHMARKS.md, session 18)."""
+    return -(-longest // multiple) * multiple
+
+
+def collate_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
+                      pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded prompt+completion sequences: input_ids, attention_mask, completion_mask, each [N, T];
-    completion_mask is 1 on completion tokens."""
+    completion_mask is 1 on completion tokens. T is the longest rounded up to a multiple of `pad_multiple`."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
-    input_ids = pad_sequences(seqs, pad_id)  # [N, T]
+    input_ids = pad_sequences(seqs, pad_id, padded_width(max(len(s) for s in seqs), pad_multiple))  # [N, T]
     width = input_ids.shape[1]
     return {
         "input_ids": input_ids,
@@ -49,16 +55,17 @@ def collate_pairs(
     chosen: Sequence[Sequence[int]],
     rejected: Sequence[Sequence[int]],
     pad_id: int,
+    pad_multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Token lists of B pairs -> the concatenated batch, [2B, T]: rows 0..B-1 are prompt+chosen,
     rows B..2B-1 prompt+rejected."""
-    return collate_sequences(list(prompts) * 2, list(chosen) + list(rejected), pad_id)
+    return collate_sequences(list(prompts) * 2, list(chosen) + list(rejected), pad_id, pad_multiple)
 
 
 def collate_shared(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
-                   rejected: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+                   rejected: Sequence[Sequence[int]], pad_id: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Token lists of B pairs -> the shared-prompt batch: one row per pair, [prompt | chosen | rejected],
-    right-padded to the longest (L).
+    right-padded to the longest rounded up to a multiple of `pad_multiple` (L).
 
     input_ids, position_ids, attention_mask [B, L] (1 on real tokens, as in the concatenated layout: what
     token counts read; the model gets the 4D mask); allowed [B, L, L] (bool: query i may attend key j); for each
@@ -68,7 +75,7 @@ def collate_shared(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[i
     sequence prompt + rejected). With an empty prompt the first token of each completion has no
     prediction, as in the concatenated layout."""
     rows = len(prompts)
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    width = padded_width(max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)), pad_multiple)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((rows, width), dtype=torch.long)
     segment = torch.full((rows, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding

@@ -17,12 +17,14 @@ from ropo_ray.losses.registry import compute_loss, get_loss
 from ropo_ray.train.logprobs import collate_pairs, collate_shared, policy_logps
 
 
-def make_batch(rows: Sequence[dict], pad_id: int, shared_prompt: bool = False) -> dict[str, torch.Tensor]:
+def make_batch(rows: Sequence[dict], pad_id: int, shared_prompt: bool = False, pad_multiple: int = 1
+               ) -> dict[str, torch.Tensor]:
     """Rows with prompt_ids / chosen_ids / rejected_ids (+ cached ref_*_logps) -> a [2B, T] batch, or with
-    `shared_prompt` one row per pair that runs its prompt once (`collate_shared`)."""
+    `shared_prompt` one row per pair that runs its prompt once (`collate_shared`); T a multiple of
+    `pad_multiple`."""
     collate = collate_shared if shared_prompt else collate_pairs
     batch = collate([r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows],
-                    [r["rejected_ids"] for r in rows], pad_id)
+                    [r["rejected_ids"] for r in rows], pad_id, pad_multiple)
     if "ref_chosen_logps" in rows[0]:
         batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float32)
         batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
@@ -47,14 +49,14 @@ def preference_step(model: nn.Module, batch: dict[str, torch.Tensor], loss_cfg: 
 
 @torch.no_grad()
 def evaluate_pairs(model: nn.Module, rows: Sequence[dict], pad_id: int, loss_cfg: LossConfig,
-                   batch_size: int = 32, shared_prompt: bool = False) -> dict[str, float]:
+                   batch_size: int = 32, shared_prompt: bool = False, pad_multiple: int = 1) -> dict[str, float]:
     """Held-out metrics, pair-weighted over all rows: eval/loss, eval/rewards/accuracies, ..."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        _, metrics = preference_step(model, make_batch(chunk, pad_id, shared_prompt), loss_cfg)
+        _, metrics = preference_step(model, make_batch(chunk, pad_id, shared_prompt, pad_multiple), loss_cfg)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value * len(chunk)
     model.train(was_training)

@@ -83,7 +83,8 @@ def _evaluate(run: _Run) -> dict[str, float]:
     engine, pad_id, cfg = run.engine, run.pad_id, run.cfg
     batches = run.eval_shard.iter_batches(batch_size=256, batch_format="pyarrow")
     rows = [r for batch in batches for r in batch.to_pylist()]
-    local = evaluate_pairs(engine.module, rows, pad_id, cfg.loss, shared_prompt=cfg.train.shared_prompt) if rows else {}
+    local = evaluate_pairs(engine.module, rows, pad_id, cfg.loss, shared_prompt=cfg.train.shared_prompt,
+                           pad_multiple=cfg.train.pad_to_multiple) if rows else {}
     # a rank with no held-out rows still joins the all-reduce, with weight 0
     record = _mean_across_ranks({k: local.get(k, 0.0) for k in EVAL_KEYS}, float(len(rows)))
     if cfg.train.probe_prompts:
@@ -249,7 +250,7 @@ def _train_epoch(run: _Run, train_shard: Any) -> None:
         if index < run.state["batches_in_epoch"]:
             run.mark = time.perf_counter()
             continue  # consumed before the checkpoint this run resumed from
-        batch = make_batch(table.to_pylist(), run.pad_id, tc.shared_prompt)
+        batch = make_batch(table.to_pylist(), run.pad_id, tc.shared_prompt, tc.pad_to_multiple)
         loss, metrics = preference_step(run.engine, batch, run.cfg.loss)
         run.engine.backward(loss)
         boundary = run.engine.is_gradient_accumulation_boundary()

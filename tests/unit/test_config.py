@@ -44,6 +44,7 @@ def test_yaml_then_dotted_overrides(tmp_path):
         ("train.worker_niceness=-5", "train.worker_niceness: must be in 0-19"),
         ("train.worker_niceness=20", "train.worker_niceness: must be in 0-19"),
         ("model.attn_implementation=flash_attention_2", "train.shared_prompt: needs attention that applies a 4D"),
+        ("train.pad_to_multiple=0", "train.pad_to_multiple: must be >= 1"),
     ],
 )
 def test_bad_input_names_the_key(override, fragment):
@@ -54,7 +55,8 @@ def test_bad_input_names_the_key(override, fragment):
 def test_shared_prompt_is_off_for_attention_without_4d_masks():
     cfg = load_config(None, ["model.attn_implementation=flash_attention_2", "train.shared_prompt=false"])
     assert not cfg.train.shared_prompt
-    assert load_config().train.shared_prompt and load_config(None, ["model.attn_implementation=sdpa"]).train.shared_prompt
+    assert load_config().train.shared_prompt
+    assert load_config(None, ["model.attn_implementation=sdpa"]).train.shared_prompt
 
 
 def test_config_is_frozen():

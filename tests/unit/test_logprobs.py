@@ -105,3 +105,18 @@ def test_shared_prompt_gradients_match_the_concatenated_layout():
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().max() > 1e-3
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_to_a_multiple_changes_shapes_not_logps():
+    """Widths 5 (shared) and 4 (stacked) pad to 8 with pad_multiple=8; the extra padding changes no log-prob."""
+    model = make_tiny_llama()
+    prompts, chosen, rejected = [[1, 2], [3]], [[4, 5], [6]], [[7], [8, 9, 10]]
+    shared = collate_shared(prompts, chosen, rejected, pad_id=0, pad_multiple=8)
+    stacked = collate_pairs(prompts, chosen, rejected, pad_id=0, pad_multiple=8)
+    assert shared["input_ids"].shape == (2, 8) and stacked["input_ids"].shape == (4, 8)
+    assert shared["input_ids"][:, 5:].eq(0).all() and shared["attention_mask"].sum().item() == 10
+    assert collate_shared(prompts, chosen, rejected, pad_id=0, pad_multiple=5)["input_ids"].shape == (2, 5)
+    tight = shared_forward(model, collate_shared(prompts, chosen, rejected, pad_id=0))
+    for out in (shared_forward(model, shared), concatenated_forward(model, stacked)):
+        for key in tight:
+            assert torch.allclose(out[key], tight[key], atol=1e-4), key
