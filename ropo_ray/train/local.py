@@ -58,8 +58,8 @@ def train_local(model: nn.Module, train_rows: list[dict], eval_rows: list[dict],
     total = min(tc.max_steps or steps_per_epoch * tc.epochs, steps_per_epoch * tc.epochs)
     scheduler = warmup_cosine_scheduler(optimizer, total, tc.warmup_ratio)
     result = TrainResult(model=model)
-    start_eval = evaluate_pairs(model, eval_rows, pad_id, cfg.loss, cfg.train.shared_prompt,
-                                              cfg.train.pad_to_multiple)
+    start_eval = evaluate_pairs(model, eval_rows, pad_id, cfg.loss, shared_prompt=tc.shared_prompt,
+                                pad_multiple=tc.pad_to_multiple)
     result.history.append({"step": 0, **start_eval})
     log(f"step 0: eval/loss {start_eval['eval/loss']:.4f} "
         f"eval/rewards/accuracies {start_eval['eval/rewards/accuracies']:.3f}")
@@ -75,8 +75,8 @@ def train_local(model: nn.Module, train_rows: list[dict], eval_rows: list[dict],
             record = {"step": step, **metrics, "lr": scheduler.get_last_lr()[0],
                       "pairs_per_s": pairs_seen / (time.perf_counter() - t0)}
             if step % tc.eval_every == 0 or step == total:
-                record.update(evaluate_pairs(model, eval_rows, pad_id, cfg.loss, cfg.train.shared_prompt,
-                                              cfg.train.pad_to_multiple))
+                record.update(evaluate_pairs(model, eval_rows, pad_id, cfg.loss, shared_prompt=tc.shared_prompt,
+                                             pad_multiple=tc.pad_to_multiple))
                 record["orthogonality_error"] = orthogonality_error(model)
             if step % tc.log_every == 0 or "eval/loss" in record:
                 result.history.append(record)

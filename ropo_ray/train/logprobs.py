@@ -108,15 +108,18 @@ def collate_shared(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[i
             "allowed": allowed, **out}
 
 
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each next token: [N, T, V] logits, [N, T] ids -> [N, T-1] (fp32).
+def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each label under its logits: [N, T, V], [N, T] -> [N, T] (fp32).
 
     gather - logsumexp instead of a full log_softmax: the [N, T, V] log-prob tensor is never stored.
     """
-    logits = logits[:, :-1].float()  # [N, T-1, V]
-    labels = input_ids[:, 1:]  # [N, T-1]
-    picked = torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1)  # [N, T-1]
-    return picked - torch.logsumexp(logits, dim=-1)
+    logits = logits.float()
+    return torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each next token: [N, T, V] logits, [N, T] ids -> [N, T-1] (fp32)."""
+    return label_logps(logits[:, :-1], input_ids[:, 1:])
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
@@ -145,8 +148,8 @@ def shared_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str
     result = {}
     for name in ("chosen", "rejected"):
         frm = batch[f"{name}_from"]  # [B, C]
-        picked = torch.gather(logits, 1, frm[:, :, None].expand(-1, -1, logits.shape[-1])).float()  # [B, C, V]
-        per_token = torch.gather(picked, 2, batch[f"{name}_labels"][:, :, None]).squeeze(-1) - picked.logsumexp(-1)
+        picked = torch.gather(logits, 1, frm[:, :, None].expand(-1, -1, logits.shape[-1]))  # [B, C, V]
+        per_token = label_logps(picked, batch[f"{name}_labels"])  # [B, C]
         mask = batch[f"{name}_mask"]
         result[f"{name}_logps"], result[f"{name}_lengths"] = (per_token * mask).sum(-1), mask.sum(-1)
     return result

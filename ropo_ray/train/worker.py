@@ -241,7 +241,6 @@ def _export(engine: Any, config: dict[str, Any], folder: Path) -> None:
 
 def _train_epoch(run: _Run, train_shard: Any) -> None:
     """One pass over this worker's shard (from the saved position when resuming), until total_steps."""
-
     tc = run.cfg.train
     batches = train_shard.iter_batches(batch_size=tc.micro_batch_size, batch_format="pyarrow",
                                        local_shuffle_buffer_size=4 * tc.micro_batch_size,

@@ -35,18 +35,23 @@ def test_sequence_logps_by_hand():
     assert math.isclose(sums.item(), math.log(0.75), rel_tol=1e-6)
 
 
-def test_concatenated_forward_matches_separate_unpadded_forwards(tiny_llama):
-    """Each pair's logps equal those of its own unpadded sequence, scored with log_softmax token by token."""
-    prompts, chosen, rejected = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]], [[11], [12, 13]]
-    out = concatenated_forward(tiny_llama, collate_pairs(prompts, chosen, rejected, pad_id=0))
-    for i in range(2):
+def assert_matches_separate_forwards(model, out, prompts, chosen, rejected):
+    """`out`'s logps equal each pair's own unpadded sequences', scored with log_softmax token by token."""
+    for i in range(len(prompts)):
         for key, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
             seq = torch.tensor([prompts[i] + resp])
-            logp = torch.log_softmax(tiny_llama(seq).logits[0].double(), -1)
+            logp = torch.log_softmax(model(seq).logits[0].double(), -1)
             start = len(prompts[i])
             expected = sum(logp[t - 1, seq[0, t]].item() for t in range(start, seq.shape[1]))
             assert math.isclose(out[f"{key}_logps"][i].item(), expected, abs_tol=1e-4), (i, key)
             assert out[f"{key}_lengths"][i].item() == len(resp)
+
+
+def test_concatenated_forward_matches_separate_unpadded_forwards(tiny_llama):
+    """Each pair's logps equal those of its own unpadded sequence, scored with log_softmax token by token."""
+    prompts, chosen, rejected = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]], [[11], [12, 13]]
+    out = concatenated_forward(tiny_llama, collate_pairs(prompts, chosen, rejected, pad_id=0))
+    assert_matches_separate_forwards(tiny_llama, out, prompts, chosen, rejected)
 
 
 def test_shared_layout_by_hand():
@@ -81,14 +86,7 @@ def test_shared_prompt_forward_matches_separate_unpadded_forwards(attention):
     prompts, chosen, rejected = [[1, 2, 3], [4], [5, 6]], [[5, 6], [7, 8, 9, 10], [11]], [[11], [12, 13], [14, 15, 16]]
     out = shared_forward(model, collate_shared(prompts, chosen, rejected, pad_id=0))
     concatenated = concatenated_forward(model, collate_pairs(prompts, chosen, rejected, pad_id=0))
-    for i in range(3):
-        for key, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
-            seq = torch.tensor([prompts[i] + resp])
-            logp = torch.log_softmax(model(seq).logits[0].double(), -1)
-            start = len(prompts[i])
-            expected = sum(logp[t - 1, seq[0, t]].item() for t in range(start, seq.shape[1]))
-            assert math.isclose(out[f"{key}_logps"][i].item(), expected, abs_tol=1e-4), (i, key)
-            assert out[f"{key}_lengths"][i].item() == len(resp)
+    assert_matches_separate_forwards(model, out, prompts, chosen, rejected)
     for key in out:
         assert torch.allclose(out[key], concatenated[key], atol=1e-4), key
 
