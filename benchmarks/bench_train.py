@@ -373,7 +373,11 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
     metrics: `peak_rss_mib` of the final record (the largest worker's VmHWM, the export of the merged model
     included), and pairs/s over the steps after `--warmup`, from the cumulative per-step pairs/s and training
     seconds (data, Ray Data's iterator and epoch turns included; evaluations and checkpoints are not training
-    time). The side's own process is the Ray driver; its memory is not the worker's."""
+    time). The side's own process is the Ray driver; its memory is not the worker's. The worker starts on the
+    allocator (and jemalloc options) this process was started on (train.allocator, train.jemalloc_conf), so
+    --ropo-allocator, --jemalloc-conf, the jemalloc-defaults variant and the other-allocator pass reach it."""
+    from ropo_ray.train.allocator import loaded_allocator
+
     run_dir = args.work / "worker-run"
     if run_dir.exists():
         import shutil
@@ -385,7 +389,8 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
                  f"train.max_steps={total}", "train.epochs=1000", f"train.cpus_per_worker={args.threads}",
                  "train.log_every=1", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
                  f"train.worker_niceness={args.worker_niceness}", f"train.shared_prompt={not args.concatenated}",
-                 f"train.pad_to_multiple={args.pad_to_multiple}",
+                 f"train.pad_to_multiple={args.pad_to_multiple}", f"train.allocator={loaded_allocator()}",
+                 f"train.jemalloc_conf={os.environ.get('MALLOC_CONF', '')}",
                  f"cache.root={args.work / 'refcache'}", f"pipeline.run_dir={run_dir}",
                  f"pipeline.artifacts_dir={args.work / 'artifacts'}"]
     t0 = time.perf_counter()
