@@ -5,7 +5,11 @@
 Both sides score the same prepared pairs with the same model (the built-in task's SFT model, built or
 reused under artifacts/) and produce the same numbers; they run one after the other in each repeat,
 so the ratio compares like with like on a noisy machine. Reported: medians of pairs/s, their ratio,
-and the padding fraction of the batches each side ran (padding tokens / tokens computed).
+and the tokens each side's batches computed per pair and their padding fraction (padding / computed).
+
+The stage scores in the trainer's layout (train.shared_prompt): by default one row per pair, [prompt | chosen |
+rejected], so each prompt runs once; the `stacked` variant (train.shared_prompt=false) runs chosen and rejected
+as two rows, as the plain loop does.
 
 The baseline is what a training script does without a cache stage: batches of `--batch` pairs in
 file order, each pair's chosen and rejected padded to the batch's longest sequence, one forward per
@@ -27,20 +31,24 @@ import benchlib
 import torch
 
 from ropo_ray.config import load_config
+from ropo_ray.refcache.compute import pair_width, rows_per_pair
 from ropo_ray.refcache.stage import build_cache, token_budget_batches
 from ropo_ray.runs import connect_ray, resolve_model, run_prepare
 from ropo_ray.train.logprobs import collate_pairs, concatenated_forward
 from ropo_ray.train.model_io import load_model, load_tokenizer
 
 
-def padding_fraction(batches: list[list[dict]]) -> float:
-    """1 - real tokens / computed tokens, for [2B, T] batches padded to their longest sequence."""
-    real = computed = 0
+def batch_tokens(batches: list[list[dict]], shared_prompt: bool = False) -> dict[str, float]:
+    """Tokens computed per pair (padding included) and the padding fraction (1 - real / computed) of batches
+    padded to their widest row: [2B, T] stacked, [B, L] in the shared-prompt layout."""
+    real = computed = pairs = 0
     for rows in batches:
-        lengths = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
-        real += sum(lengths)
-        computed += len(lengths) * max(lengths)
-    return 1.0 - real / computed
+        widths = [pair_width(r, shared_prompt) for r in rows]
+        real += sum(len(r["prompt_ids"]) * (1 if shared_prompt else 2) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                    for r in rows)
+        computed += rows_per_pair(shared_prompt) * len(rows) * max(widths)
+        pairs += len(rows)
+    return {"tokens_per_pair": computed / pairs, "padding_fraction": 1.0 - real / computed}
 
 
 @torch.no_grad()
@@ -83,7 +91,9 @@ def main() -> None:
     model, tokenizer = load_model(model_dir, cfg.model), load_tokenizer(model_dir, cfg.model)
     torch.set_num_threads(2)
     variants = {"actors=1 x 2 CPU": ["cache.num_actors=1", "cache.cpus_per_actor=2"],
-                "actors=2 x 1 CPU": ["cache.num_actors=2", "cache.cpus_per_actor=1"]}
+                "actors=2 x 1 CPU": ["cache.num_actors=2", "cache.cpus_per_actor=1"],
+                "actors=2 x 1 CPU, stacked": ["cache.num_actors=2", "cache.cpus_per_actor=1",
+                                              "train.shared_prompt=false"]}
     results: dict[str, list[float]] = {"plain HF loop": [], **{k: [] for k in variants}}
     inside: dict[str, list[float]] = {k: [] for k in variants}  # pairs/s inside the actors (forwards only)
     for _ in range(args.repeats):
@@ -105,11 +115,17 @@ def main() -> None:
         "pairs": len(rows), "repeats": args.repeats, "pairs_per_s": results, "median_pairs_per_s": medians,
         "ratio_vs_plain": {k: medians[k] / medians["plain HF loop"] for k in variants},
         "median_pairs_per_s_inside_actors": {k: statistics.median(v) for k, v in inside.items()},
-        "padding_fraction": {
-            f"plain, file order, batch {args.batch}": padding_fraction(
+        "shared_vs_stacked_inside_actors": {  # the same pool, one layout against the other, in each repeat
+            "per_repeat": [s / t for s, t in zip(inside["actors=2 x 1 CPU"], inside["actors=2 x 1 CPU, stacked"])],
+            "of_medians": statistics.median(inside["actors=2 x 1 CPU"])
+            / statistics.median(inside["actors=2 x 1 CPU, stacked"])},
+        "batch_tokens": {
+            f"plain, file order, batch {args.batch}": batch_tokens(
                 [rows[i:i + args.batch] for i in range(0, len(rows), args.batch)]),
-            f"ropo-ray, length-sorted, token budget {budget}": padding_fraction(
+            f"ropo-ray, stacked, length-sorted, token budget {budget}": batch_tokens(
                 token_budget_batches(rows, budget)),
+            f"ropo-ray, shared prompt, length-sorted, token budget {budget}": batch_tokens(
+                token_budget_batches(rows, budget, shared_prompt=True), shared_prompt=True),
         },
         "note": "cache pairs/s include Ray Data start-up of the actor pool (model load), as a user pays it",
     }

@@ -161,7 +161,8 @@ class CacheConfig:
     batch_rows: int = 256
     """Rows handed to an actor at once (consecutive in length order)."""
     token_budget: int = 8192
-    """Tokens per reference forward: rows x longest pair in the micro-batch."""
+    """Tokens per reference forward, padding included: batch rows x the widest row (a pair is one row
+    [prompt | chosen | rejected] with train.shared_prompt, else two)."""
     sort_window_rows: int = 65536
     """Pairs sorted by length together before scoring (the pool gets them in that order, so batches pad
     little)."""

@@ -33,7 +33,7 @@ import ray
 
 from ropo_ray.config.schema import Config, ModelConfig
 from ropo_ray.data.blocks import max_block_bytes
-from ropo_ray.refcache.compute import pair_width, reference_logps
+from ropo_ray.refcache.compute import pair_width, reference_logps, rows_per_pair
 from ropo_ray.refcache.store import (
     CACHE_SCHEMA,
     CacheCorrupt,
@@ -115,17 +115,19 @@ def in_flight_bound(window: int, cfg: Config) -> int:
     return (cfg.cache.num_actors + cfg.cache.read_ahead_windows) * window + cfg.cache.batch_rows
 
 
-def token_budget_batches(rows: list[dict], token_budget: int) -> list[list[dict]]:
-    """Length-sorted rows packed so each [2B, T] forward holds at most `token_budget` tokens, padding
-    included (2 x rows x the longest sequence); at least one row per batch."""
+def token_budget_batches(rows: list[dict], token_budget: int, shared_prompt: bool = False) -> list[list[dict]]:
+    """Length-sorted rows packed so each forward holds at most `token_budget` tokens, padding included: rows
+    of the batch x its widest pair (`pair_width`), each pair taking `rows_per_pair` rows (one in the
+    shared-prompt layout, two stacked); at least one pair per batch."""
+    per_pair = rows_per_pair(shared_prompt)
     batches: list[list[dict]] = []
     current: list[dict] = []
     width = 0
-    for row in sorted(rows, key=pair_width):
-        grown = max(width, pair_width(row))
-        if current and 2 * grown * (len(current) + 1) > token_budget:
+    for row in sorted(rows, key=lambda r: pair_width(r, shared_prompt)):
+        grown = max(width, pair_width(row, shared_prompt))
+        if current and per_pair * grown * (len(current) + 1) > token_budget:
             batches.append(current)
-            current, grown = [], pair_width(row)
+            current, grown = [], pair_width(row, shared_prompt)
         current.append(row)
         width = grown
     if current:
@@ -134,10 +136,11 @@ def token_budget_batches(rows: list[dict], token_budget: int) -> list[list[dict]
 
 
 class RefLogpActor:
-    """Holds the reference model; scores batches of pairs (map_batches over an actor pool)."""
+    """Holds the reference model; scores batches of pairs (map_batches over an actor pool) in the trainer's
+    layout (`shared_prompt`: train.shared_prompt)."""
 
     def __init__(self, model_dir: str, tokenizer_dir: str, model_cfg: ModelConfig, token_budget: int,
-                 counter: Any) -> None:
+                 counter: Any, shared_prompt: bool = False) -> None:
         import torch
 
         from ropo_ray.train.model_io import load_model, load_tokenizer
@@ -147,26 +150,28 @@ class RefLogpActor:
         self.pad_id = load_tokenizer(tokenizer_dir, model_cfg).pad_token_id
         self.token_budget = token_budget
         self.counter = counter
+        self.shared_prompt = shared_prompt
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         rows = batch.select(PAIR_COLUMNS).to_pylist()
         out = []
-        micro = token_budget_batches(rows, self.token_budget)
+        micro = token_budget_batches(rows, self.token_budget, self.shared_prompt)
         for chunk in micro:
-            for row, ref in zip(chunk, reference_logps(self.model, chunk, self.pad_id, batch_size=len(chunk))):
+            for row, ref in zip(chunk, reference_logps(self.model, chunk, self.pad_id, batch_size=len(chunk),
+                                                       shared_prompt=self.shared_prompt)):
                 out.append({"pair_id": row["pair_id"], **ref})
         ray.get(self.counter.add.remote(len(micro), len(rows), time.perf_counter() - t0))
         return pa.Table.from_pylist(out, schema=CACHE_SCHEMA)
 
 
 def _missing_windows(batch: dict[str, Any], fs: Any, known_ref: ray.ObjectRef,
-                     credit: Any = None) -> Iterator[pa.Table]:
+                     credit: Any = None, shared_prompt: bool = False) -> Iterator[pa.Table]:
     """map_batches UDF: one window per input row, given as {path, first row, rows} slices of prepared Parquet
     files -> the window's pairs the cache lacks (known_ref: the cached ids, read from the object store without
-    a copy) sorted by width (the longer sequence), so each batch the pool gets holds pairs of about one length
-    and pads little. Only the row groups a slice overlaps are read, and only once `credit` (a `WindowCredit`)
-    grants the window's rows; the cached pairs dropped are handed back at once."""
+    a copy) sorted by width in the layout they are scored in (`pair_width`), so each batch the pool gets holds
+    pairs of about one length and pads little. Only the row groups a slice overlaps are read, and only once
+    `credit` (a `WindowCredit`) grants the window's rows; the cached pairs dropped are handed back at once."""
     known = ray.get(known_ref)
     for slices in batch["slices"]:
         planned = sum(int(piece["rows"]) for piece in slices)
@@ -190,9 +195,9 @@ def _missing_windows(batch: dict[str, Any], fs: Any, known_ref: ray.ObjectRef,
             table = table.filter(pc.invert(pc.is_in(table["pair_id"], value_set=known)))
         if credit is not None and planned > table.num_rows:
             ray.get(credit.release.remote(planned - table.num_rows))
-        widths = pc.add(pc.list_value_length(table["prompt_ids"]),
-                        pc.max_element_wise(pc.list_value_length(table["chosen_ids"]),
-                                            pc.list_value_length(table["rejected_ids"])))
+        chosen, rejected = pc.list_value_length(table["chosen_ids"]), pc.list_value_length(table["rejected_ids"])
+        widths = pc.add(pc.list_value_length(table["prompt_ids"]),  # `pair_width`
+                        pc.add(chosen, rejected) if shared_prompt else pc.max_element_wise(chosen, rejected))
         yield table.take(pc.sort_indices(widths))
 
 
@@ -284,11 +289,11 @@ def _score(inputs: list[str], fs: Any, known_ref: Any, cfg: Config, model_dir: s
     credit = WindowCredit.remote(in_flight_bound(window, cfg))
     with max_block_bytes(BLOCK_BYTES):  # set before the datasets are built: each keeps the context it was built in
         windows = ray.data.from_items([{"slices": w} for w in plan], override_num_blocks=len(plan)).map_batches(
-            _missing_windows, fn_args=(fs, known_ref, credit), batch_size=1, num_cpus=0,
+            _missing_windows, fn_args=(fs, known_ref, credit, cfg.train.shared_prompt), batch_size=1, num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=1))
         scored = windows.map_batches(
             RefLogpActor, fn_constructor_args=(str(model_dir), str(tokenizer_dir), cfg.model, cfg.cache.token_budget,
-                                               counter),
+                                               counter, cfg.train.shared_prompt),
             batch_format="pyarrow", batch_size=cfg.cache.batch_rows,
             compute=ray.data.ActorPoolStrategy(size=cfg.cache.num_actors), num_cpus=cfg.cache.cpus_per_actor)
         parts: list[Path] = []

@@ -19,7 +19,7 @@ from ropo_ray.data.prepare import prepare
 from ropo_ray.data.sources import InputError
 from ropo_ray.refcache.stage import WindowCredit, _missing_windows, build_cache, plan_windows, window_rows
 from ropo_ray.refcache.store import read_entries, verify
-from ropo_ray.train.logprobs import concatenated_forward
+from ropo_ray.train.logprobs import policy_logps
 from ropo_ray.train.model_io import load_model, load_tokenizer
 from ropo_ray.train.step import evaluate_pairs, make_batch
 
@@ -318,8 +318,9 @@ def test_a_cache_pool_holding_every_cpu_scores_what_one_actor_does(prepared, tin
 
 
 def test_step0_policy_matches_cache_and_dpo_loss_is_ln2(prepared, tiny_assets, tmp_path):
-    """The training code path (RoPO at init) reproduces the cached log-probs: template, truncation,
-    padding and dtype agree between cache and training."""
+    """The training code path (RoPO at init) reproduces the cached log-probs in either of its layouts:
+    template, truncation, padding and dtype agree between cache (built in the default shared-prompt layout)
+    and training."""
     cfg, out, _, _ = prepared
     cfg = load_config(None, [f"cache.root={tmp_path}/cache", "data.truncation=reject", "data.max_prompt_tokens=200",
                              "data.eval_fraction=0.2"])
@@ -329,13 +330,15 @@ def test_step0_policy_matches_cache_and_dpo_loss_is_ln2(prepared, tiny_assets, t
     joined = [{**r, **cache[r["pair_id"]]} for r in rows]
     model = attach_adapter(load_model(tiny_assets, cfg.model), cfg.adapter)
     pad_id = load_tokenizer(tiny_assets, cfg.model).pad_token_id
-    with torch.no_grad():
-        out_logps = concatenated_forward(model, make_batch(joined[:16], pad_id))
-    for i, row in enumerate(joined[:16]):
-        assert abs(out_logps["chosen_logps"][i].item() - row["ref_chosen_logps"]) <= 1e-5
-        assert abs(out_logps["rejected_logps"][i].item() - row["ref_rejected_logps"]) <= 1e-5
-    metrics = evaluate_pairs(model, joined, pad_id, cfg.loss)
-    assert abs(metrics["eval/loss"] - math.log(2)) <= 1e-5
+    assert cfg.train.shared_prompt  # the cache's layout
+    for shared in (False, True):
+        with torch.no_grad():
+            out_logps = policy_logps(model, make_batch(joined[:16], pad_id, shared_prompt=shared))
+        for i, row in enumerate(joined[:16]):
+            assert abs(out_logps["chosen_logps"][i].item() - row["ref_chosen_logps"]) <= 1e-5, (shared, i)
+            assert abs(out_logps["rejected_logps"][i].item() - row["ref_rejected_logps"]) <= 1e-5, (shared, i)
+        metrics = evaluate_pairs(model, joined, pad_id, cfg.loss, shared_prompt=shared)
+        assert abs(metrics["eval/loss"] - math.log(2)) <= 1e-5
 
 
 def test_the_block_cap_holds_inside_its_stage_only(ray_local):
