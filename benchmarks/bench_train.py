@@ -409,6 +409,7 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
             "tokens_per_s": (tokens[total] - tokens[args.warmup]) / span,
             "peak_rss_mib": {"vmhwm": final["peak_rss_mib"]},
             "peak_rss_mib_training_only": max(r["peak_rss_mib"] for r in steps.values()),
+            "memory_mib_by_stage": {k.split("/")[1]: v for k, v in final.items() if k.startswith("memory/")},
             "command_seconds": time.perf_counter() - t0, "overrides": overrides,
             "final_metrics": {k: final[k] for k in ("loss", "eval/loss", "pairs_per_s", "mfu") if k in final}}
 

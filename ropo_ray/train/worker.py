@@ -54,19 +54,33 @@ def _mean_across_ranks(values: dict[str, float], weight: float = 1.0) -> dict[st
     return {k: float(t[i]) / total if total else float("nan") for i, k in enumerate(keys)}
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB: VmHWM where /proc has it (Linux), else ru_maxrss."""
+def _status_mib(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS, ...) in MiB; None where /proc has no status."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB: VmHWM where /proc has it (Linux), else ru_maxrss."""
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def resident_mib() -> float:
+    """This process's resident memory now, MiB (VmRSS); NaN where /proc has no status."""
+    now = _status_mib("VmRSS")
+    return float("nan") if now is None else now
 
 
 def _max_across_ranks(*values: float) -> list[float]:
@@ -158,6 +172,9 @@ class _Run:
     totals: dict[str, float] = field(default_factory=dict)
     last_record: dict[str, float] = field(default_factory=dict)
     report_due: bool = True  # the ranks' common verdict at the last step: a plain report now would not wait
+    # resident MiB when the loop started (Ray, torch, DeepSpeed and the code imported), had the adapted model, had
+    # the engine; reported in the final record with the peak (where a worker's memory goes, BENCHMARKS.md)
+    memory: dict[str, float] = field(default_factory=dict)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -165,6 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
+    memory = {"memory/start_mib": resident_mib()}
     cfg: Config = config["cfg"]
     tc = cfg.train
     ctx = ray.train.get_context()
@@ -182,15 +200,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    memory["memory/model_mib"] = resident_mib()
     flop_model = step_flop_model(model)
     peak = tc.peak_flops or measure_peak_flops(torch.bfloat16 if bf16 else torch.float32)
     scheduler = None if "scheduler" in ds_cfg else (
         lambda opt: warmup_cosine_scheduler(opt, config["total_steps"], tc.warmup_ratio))
     engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, lr_scheduler=scheduler,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
+    memory["memory/engine_mib"] = resident_mib()
     run = _Run(engine, cfg, config["pad_id"], config["total_steps"], ctx.get_world_size(),
                ray.train.get_dataset_shard("eval"), _tensorboard(config.get("tensorboard_dir"), ctx.get_world_rank()),
-               Reports(ray.train.report), _restore(engine), flop_model, peak, config.get("eos_id"))
+               Reports(ray.train.report), _restore(engine), flop_model, peak, config.get("eos_id"), memory=memory)
     train_shard = ray.train.get_dataset_shard("train")
     if run.state["step"] == 0:  # the step-0 policy is the reference: held-out DPO loss ln 2
         run.reports.send({"step": 0, **_evaluate(run)})
@@ -199,7 +219,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _train_epoch(run, train_shard)
         if run.state["step"] < run.total_steps:
             run.state["epoch"], run.state["batches_in_epoch"] = run.state["epoch"] + 1, 0
-    record = {**run.last_record, "step": run.state["step"], **_evaluate(run)}
+    record = {**run.last_record, "step": run.state["step"], **_evaluate(run),
+              **dict(zip(run.memory, _max_across_ranks(*run.memory.values())))}
     _log(run.writer, record)
     _save(engine, run.reports, run.state, record, export=config)
 
