@@ -44,8 +44,8 @@ def batch_tokens(batches: list[list[dict]], shared_prompt: bool = False) -> dict
     real = computed = pairs = 0
     for rows in batches:
         widths = [pair_width(r, shared_prompt) for r in rows]
-        real += sum(len(r["prompt_ids"]) * (1 if shared_prompt else 2) + len(r["chosen_ids"]) + len(r["rejected_ids"])
-                    for r in rows)
+        real += sum(len(r["prompt_ids"]) * rows_per_pair(shared_prompt) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                    for r in rows)  # the prompt once per row of the pair
         computed += rows_per_pair(shared_prompt) * len(rows) * max(widths)
         pairs += len(rows)
     return {"tokens_per_pair": computed / pairs, "padding_fraction": 1.0 - real / computed}

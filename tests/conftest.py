@@ -22,6 +22,22 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+def assert_matches_separate_forwards(model, out, prompts, chosen, rejected):
+    """`out`'s {chosen,rejected}_logps and _lengths ([B] each) equal each pair's own unpadded sequences',
+    scored with log_softmax token by token."""
+    import math
+
+    for i in range(len(prompts)):
+        for key, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
+            seq = torch.tensor([list(prompts[i]) + list(resp)])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq).logits[0].double(), -1)
+            start = len(prompts[i])
+            expected = sum(logp[t - 1, seq[0, t]].item() for t in range(start, seq.shape[1]))
+            assert math.isclose(float(out[f"{key}_logps"][i]), expected, abs_tol=1e-4), (i, key)
+            assert int(out[f"{key}_lengths"][i]) == len(resp)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A local S3-compatible server (moto) speaking the real S3 HTTP protocol, so object-store URIs

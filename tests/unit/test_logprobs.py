@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ropo_ray.train.logprobs import collate_pairs, collate_shared, concatenated_forward, sequence_logps, shared_forward
-from tests.conftest import make_tiny_llama
+from tests.conftest import assert_matches_separate_forwards, make_tiny_llama
 
 
 def test_collate_layout():
@@ -33,18 +33,6 @@ def test_sequence_logps_by_hand():
     # the prompt token is excluded: masking it out drops ln 0.5
     sums, _ = sequence_logps(logits, ids, torch.tensor([[0, 0, 1]]))
     assert math.isclose(sums.item(), math.log(0.75), rel_tol=1e-6)
-
-
-def assert_matches_separate_forwards(model, out, prompts, chosen, rejected):
-    """`out`'s logps equal each pair's own unpadded sequences', scored with log_softmax token by token."""
-    for i in range(len(prompts)):
-        for key, resp in (("chosen", chosen[i]), ("rejected", rejected[i])):
-            seq = torch.tensor([prompts[i] + resp])
-            logp = torch.log_softmax(model(seq).logits[0].double(), -1)
-            start = len(prompts[i])
-            expected = sum(logp[t - 1, seq[0, t]].item() for t in range(start, seq.shape[1]))
-            assert math.isclose(out[f"{key}_logps"][i].item(), expected, abs_tol=1e-4), (i, key)
-            assert out[f"{key}_lengths"][i].item() == len(resp)
 
 
 def test_concatenated_forward_matches_separate_unpadded_forwards(tiny_llama):

@@ -3,13 +3,11 @@ equal each pair's own unpadded forward in either layout."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
-import torch
 
 from ropo_ray.refcache.compute import pair_width, reference_logps
 from ropo_ray.refcache.stage import token_budget_batches
+from tests.conftest import assert_matches_separate_forwards
 
 
 def pair(prompt: int, chosen: int, rejected: int, tag: int = 0) -> dict:
@@ -36,18 +34,6 @@ def test_token_budget_batches_by_hand():
     assert tags(token_budget_batches([c, b, a], 5, shared_prompt=True)) == [[0], [1], [2]]
 
 
-def separate(model, row: dict) -> tuple[float, float]:
-    """The pair's chosen and rejected log-probs, each from its own unpadded sequence, token by token."""
-    out = []
-    for key in ("chosen_ids", "rejected_ids"):
-        seq = torch.tensor([row["prompt_ids"] + row[key]])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(seq).logits[0].double(), -1)
-        start = len(row["prompt_ids"])
-        out.append(sum(logp[t - 1, seq[0, t]].item() for t in range(start, seq.shape[1])))
-    return out[0], out[1]
-
-
 @pytest.mark.parametrize("shared_prompt", [False, True])
 def test_reference_logps_equal_separate_forwards_in_input_order(tiny_llama, shared_prompt):
     rows = [{"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10], "rejected_ids": [11, 12, 13, 14, 15]},
@@ -60,8 +46,10 @@ def test_reference_logps_equal_separate_forwards_in_input_order(tiny_llama, shar
     hook.remove()
     # widths stacked 9, 4, 4 and shared 11, 5, 5: batches [row 1, row 2], [row 0]; a pair is one row when shared
     assert shapes == ([(2, 5), (1, 11)] if shared_prompt else [(4, 4), (2, 9)])
-    for row, ref in zip(rows, out):  # batches of 2 in width order: padding and reordering both exercised
-        chosen, rejected = separate(tiny_llama, row)
-        assert math.isclose(ref["ref_chosen_logps"], chosen, abs_tol=1e-4)
-        assert math.isclose(ref["ref_rejected_logps"], rejected, abs_tol=1e-4)
-        assert (ref["chosen_tokens"], ref["rejected_tokens"]) == (len(row["chosen_ids"]), len(row["rejected_ids"]))
+    # in input order, though scored in width order, in padded batches
+    as_batch = {"chosen_logps": [r["ref_chosen_logps"] for r in out],
+                "rejected_logps": [r["ref_rejected_logps"] for r in out],
+                "chosen_lengths": [r["chosen_tokens"] for r in out],
+                "rejected_lengths": [r["rejected_tokens"] for r in out]}
+    assert_matches_separate_forwards(tiny_llama, as_batch, [r["prompt_ids"] for r in rows],
+                                     [r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows])
