@@ -13,10 +13,14 @@ u = (y - b) / s from the saved output. The rotated
 input R^T x is not kept: the band kernel's backward recomputes it from x, which the layer's callers keep
 anyway (q, k and v share one).
 
-Used only where it is exact and safe: the native kernel is loaded, the weight is an ordinary tensor (not a
-ZeRO-3 partition, whose gathering needs the base module to be called), and no s is zero. The output is saved
-for the backward, so a model that changes it in place gets autograd's error at that line, never a silently
-wrong gradient (adapter.kernel=torch takes the composed ops).
+Where some s is zero (a magnitude trained to 0) u cannot be recovered from the output: the forward then keeps
+a copy of u and the backward takes the composed ops. The kernel counts the zeros (`count_zeros`), which spares
+every call the tensor ops and the sync of asking torch.
+
+Used only where it is exact and safe: the native kernel is loaded and the weight is an ordinary tensor (not a
+ZeRO-3 partition, whose gathering needs the base module to be called). The output is saved for the backward,
+so a model that changes it in place gets autograd's error at that line, never a silently wrong gradient
+(adapter.kernel=torch takes the composed ops).
 """
 
 from __future__ import annotations
@@ -43,12 +47,13 @@ class _RotatedLinear(torch.autograd.Function):
         packed, spec = packed.contiguous(), kernel_spec(bands)
         scale = (magnitude.float() / row_norms.float()).contiguous()  # [n] fp32
         out = torch.mm(band_chain_forward(rows, packed, spec), weight.t())  # [T, n]; R^T x freed here
+        unscaled = out.clone() if library().count_zeros(scale.data_ptr(), n) else torch.empty(0)
         bias32 = bias.float().contiguous() if bias is not None else None
         library().scale_forward(out.data_ptr(), bf16_flag(out), scale.data_ptr(),
                                 None if bias32 is None else bias32.data_ptr(), out.shape[0], n, torch.get_num_threads())
         out = out.view(*x.shape[:-1], n)
         ctx.save_for_backward(rows, packed, out, scale, weight, row_norms,
-                              bias32 if bias32 is not None else torch.empty(0))
+                              bias32 if bias32 is not None else torch.empty(0), unscaled)
         ctx.bands, ctx.spec, ctx.has_bias, ctx.magnitude_dtype = bands, spec, bias is not None, magnitude.dtype
         return out
 
@@ -56,15 +61,21 @@ class _RotatedLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         from ropo_ray.adapters.native import library
 
-        rows, packed, out, scale, weight, row_norms, bias32 = ctx.saved_tensors  # bias32: fp32 bias, or empty
+        # bias32: the fp32 bias, or empty; unscaled: u = W R^T x when some s is zero, else empty
+        rows, packed, out, scale, weight, row_norms, bias32, unscaled = ctx.saved_tensors
         n = weight.shape[0]
         g = grad.reshape(-1, n).contiguous()  # [T, n]
-        y = out.reshape(-1, n)
-        grad_u = torch.empty_like(g)
-        grad_scale = torch.empty(n, dtype=torch.float32)
-        library().scale_backward(g.data_ptr(), bf16_flag(g), y.data_ptr(), bf16_flag(y), scale.data_ptr(),
-                                 bias32.data_ptr() if ctx.has_bias else None, grad_u.data_ptr(),
-                                 bf16_flag(grad_u), grad_scale.data_ptr(), g.shape[0], n, torch.get_num_threads())
+        if unscaled.numel():
+            grad_u = (g.float() * scale).to(g.dtype)
+            grad_scale = (g.float() * unscaled.float()).sum(0)
+        else:
+            y = out.reshape(-1, n)
+            grad_u = torch.empty_like(g)
+            grad_scale = torch.empty(n, dtype=torch.float32)
+            library().scale_backward(g.data_ptr(), bf16_flag(g), y.data_ptr(), bf16_flag(y), scale.data_ptr(),
+                                     bias32.data_ptr() if ctx.has_bias else None, grad_u.data_ptr(),
+                                     bf16_flag(grad_u), grad_scale.data_ptr(), g.shape[0], n,
+                                     torch.get_num_threads())
         grad_rot = torch.mm(grad_u, weight)  # [T, d]
         del grad_u
         grad_x, grad_packed = band_chain_backward(rows, packed, grad_rot, ctx.bands, ctx.spec)

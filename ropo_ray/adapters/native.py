@@ -100,6 +100,9 @@ SIGNATURES = {  # the kernel's functions: argument types, result type
     "scale_backward": ([_P, _I32, _P, _I32, _P, _P, _P, _I32, _P, _I64, _I64, _I32], None),
     "scale_forward": ([_P, _I32, _P, _P, _I64, _I64, _I32], None),
     "vector_lanes": ([], _I32),
+    "cayley_coefficients": ([_P, _I64, _I64, _I32, _P, _P, _I64, _P, _I64, _P, _I32], None),
+    "cayley_coefficients_backward": ([_P, _I64, _P, _P, _I64, _P, _I64, _I64, _I32, _P, _I32], None),
+    "count_zeros": ([_P, _I64], _I64),
 }
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ropo_ray.adapters import native
 from ropo_ray.adapters.cayley import num_skew_params
+from ropo_ray.adapters.coefficients import packed_coefficients
 from ropo_ray.adapters.fused import rotated_linear
 from ropo_ray.adapters.rotation import (
     BandLayout,
@@ -150,29 +151,31 @@ class RoPOLinear(nn.Module):
         if shared is not None and shared[1] == self._versions() and (shared[0].requires_grad or not (
                 torch.is_grad_enabled() and any(p.requires_grad for p in self.rotation))):
             return shared[0]
+        if self.cayley == "exact":
+            return packed_coefficients([p[None] for p in self.rotation], self._layouts, self._bands)[0]
         return pack_coefficients([band_coefficients(q, band) for q, band in zip(self.blocks(), self._bands)])
 
     def _versions(self) -> tuple[int, ...]:
         """The rotation parameters' version counters (an in-place update, e.g. an optimizer step, bumps them)."""
-        return tuple(p._version for p in self.rotation)
+        return tuple(p._version for p in self.rotation._parameters.values())  # not ParameterList's slower iterator
 
     def _shareable(self) -> tuple | None:
         """The key of layers whose coefficients one batched computation gives (same layouts, method and
-        parameter dtype and device), or None when this layer computes its own: no native kernel, or parameters
-        partitioned by ZeRO-3 (gathered only inside the layer's own forward)."""
-        if self._bands is None or self.disabled or any(hasattr(p, "ds_id") for p in self.rotation):
-            return None
+        parameter dtype and device), or None when this layer computes its own: no native kernel, parameters
+        off the CPU (the kernel serves CPU inputs only), or partitioned by ZeRO-3 (gathered only inside the
+        layer's own forward)."""
         first = self.rotation[0]
+        if (self._bands is None or self.disabled or first.device.type != "cpu"
+                or any(hasattr(p, "ds_id") for p in self.rotation)):
+            return None
         return (self.in_features, self.block_sizes, self.mixing, self.cayley, self.neumann_terms, first.dtype,
                 first.device, id(self._bands))
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused CPU function applies: `fuse` is on, the weight is a plain CPU tensor of x's dtype (a
-        ZeRO-3 partition is gathered only when the base module is called), and no scale is zero (the
-        backward divides by it)."""
+        """The fused CPU function applies: `fuse` is on and the weight is a plain CPU tensor of x's dtype (a
+        ZeRO-3 partition is gathered only when the base module is called)."""
         weight = self.base.weight
-        return (self.fuse and not hasattr(weight, "ds_id") and weight.device.type == "cpu"
-                and weight.dtype == x.dtype and bool((self.magnitude != 0).all()))
+        return self.fuse and not hasattr(weight, "ds_id") and weight.device.type == "cpu" and weight.dtype == x.dtype
 
     def merged_weight(self) -> torch.Tensor:
         """W' = diag(m / c) W R^T in the base weight's dtype."""
@@ -211,7 +214,8 @@ def share_rotations(layers: list[RoPOLinear]) -> None:
 
     A layer's rotation parameters go through ~30 small tensor ops (skew matrices, Cayley eliminations, gathers) and
     as many in the backward, a cost per layer and step that does not shrink with the batch; stacked, a group
-    pays it once. Gradients reach each layer's parameters through the stack.
+    pays it once, and with exact Cayley in one native call per factor each way (coefficients.py). Gradients
+    reach each layer's parameters through the stack.
 
     The coefficients serve one model forward, and the recomputation of its checkpointed layers in the backward
     (which must see the very tensors the forward used). A group's coefficients are dropped when their gradient
@@ -227,10 +231,14 @@ def share_rotations(layers: list[RoPOLinear]) -> None:
         if len(group) < 2:
             continue
         first, count = group[0], len(group)
-        coefs = [band_coefficients(factor_blocks(torch.stack([layer.rotation[f] for layer in group]), layout,
-                                                 first.cayley, first.neumann_terms), band)
-                 for f, (layout, band) in enumerate(zip(first.layouts(first.rotation[0].device), first._bands))]
-        packed = pack_coefficients(coefs, layers=count)  # [L, ncoef]
+        params = [torch.stack([layer.rotation[f] for layer in group]) for f in range(len(first._bands))]
+        if first.cayley == "exact":
+            packed = packed_coefficients(params, first._layouts, first._bands)  # [L, ncoef]
+        else:
+            packed = pack_coefficients([band_coefficients(factor_blocks(p, layout, first.cayley, first.neumann_terms),
+                                                          band)
+                                        for p, layout, band in zip(params, first._layouts, first._bands)],
+                                       layers=count)
         if packed.requires_grad:
             packed.register_hook(lambda _grad, group=group: release(group))
         for layer, row in zip(group, packed.unbind(0)):

@@ -262,19 +262,21 @@ def test_fused_layer_value_and_gradients_match_dense_float64(dim, out, bias, row
         assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
 
 
-def test_a_zero_magnitude_takes_the_composed_path_and_its_gradient_is_right():
-    """The fused backward divides by s = m / c, so a zero m must use the composed ops, whose gradient for that
-    m is still sum_t g * u (nonzero), not a 0/0."""
-    layer = adapted_layer(32, 8, bias=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_zero_magnitude_keeps_u_and_its_gradient_is_right(dtype):
+    """The fused backward recovers u = (y - b) / s from the output, which a zero m makes impossible: the layer
+    then keeps u itself, and the gradient of that m is still sum_t g * u (nonzero), not a 0/0."""
+    layer = adapted_layer(32, 8, bias=True).to(dtype)
     with torch.no_grad():
         layer.magnitude[3] = 0.0
-    x = torch.randn(5, 32, requires_grad=True)
-    weights = torch.randn(5, 8)
+    x = torch.randn(5, 32).to(dtype).requires_grad_()
+    weights = torch.randn(5, 8).to(dtype)
     (y, got), (y64, want) = layer_against_dense64(layer, x, weights)
-    assert type(y.grad_fn).__name__ != "_RotatedLinearBackward"
+    assert type(y.grad_fn).__name__ == "_RotatedLinearBackward"
     assert want[1][3].abs() > 1e-3 and torch.isfinite(got[1]).all()
+    tol = 1e-4 if dtype == torch.float32 else 2 ** -5
     for g, w in zip(got, want):
-        assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+        assert torch.allclose(g.double(), w, rtol=tol, atol=tol * w.abs().max().item())
 
 
 @pytest.mark.parametrize("bias", [False, True])

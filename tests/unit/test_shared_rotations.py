@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from ropo_ray.adapters import ropo_linear
 from ropo_ray.adapters import rotation as rot
 from ropo_ray.adapters.inject import inject_ropo, ropo_layers
 from ropo_ray.adapters.ropo_linear import release, share_rotations
@@ -78,17 +79,30 @@ def test_shared_rotations_under_activation_checkpointing(tiny_llama):
     assert_same(loss_and_grads(model), reference)
 
 
-def test_one_cayley_per_factor_and_group_per_forward(tiny_llama, monkeypatch):
-    """10 adapted layers in two shapes, 3 factors each: 6 batched Cayley transforms per forward, not 30."""
+def test_one_coefficient_computation_per_group_per_forward(tiny_llama, monkeypatch):
+    """10 adapted layers in two shapes, 3 factors each: one batched computation per shape per forward (2 calls
+    holding 8 and 2 layers), not 10."""
     model = adapted(tiny_llama)
     calls = []
-    real = rot.cayley
-    monkeypatch.setattr(rot, "cayley", lambda skew: calls.append(skew.shape) or real(skew))
+    real = ropo_linear.packed_coefficients
+    monkeypatch.setattr(ropo_linear, "packed_coefficients",
+                        lambda params, *a: calls.append([p.shape[0] for p in params]) or real(params, *a))
     with torch.no_grad():
         model(IDS)
     assert len(ropo_layers(model)) == 10
-    assert len(calls) == 6 and sorted(shape[0] for shape in calls) == [2, 2, 2, 8, 8, 8]
+    assert sorted(calls) == [[2, 2, 2], [8, 8, 8]]
     assert all(layer._shared is None for layer in ropo_layers(model).values())  # no graph: dropped at once
+
+
+def test_neumann_cayley_shares_through_the_composed_ops(tiny_llama, monkeypatch):
+    """cayley=neumann has no native path: one batched composed Cayley per factor and shape (6 calls), not 30."""
+    inject_ropo(tiny_llama, AdapterConfig(target_modules=TARGETS, cayley="neumann"))
+    calls = []
+    real = rot.cayley_neumann
+    monkeypatch.setattr(rot, "cayley_neumann", lambda skew, terms: calls.append(skew.shape) or real(skew, terms))
+    with torch.no_grad():
+        tiny_llama(IDS)
+    assert len(calls) == 6 and sorted(shape[0] for shape in calls) == [2, 2, 2, 8, 8, 8]
 
 
 def test_a_layer_whose_parameters_changed_computes_its_own(tiny_llama):
@@ -102,7 +116,7 @@ def test_a_layer_whose_parameters_changed_computes_its_own(tiny_llama):
         layer.rotation[1].add_(0.1)
     fresh = rot.pack_coefficients([rot.band_coefficients(q, b) for q, b in zip(layer.blocks(), layer._bands)])
     got = layer.coefficients()
-    assert got is not layer._shared[0] and torch.equal(got, fresh)
+    assert got is not layer._shared[0] and torch.allclose(got, fresh, atol=1e-6)
     assert not torch.equal(fresh, layer._shared[0])
     release(layers)
 

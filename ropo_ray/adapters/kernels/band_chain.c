@@ -22,6 +22,10 @@
  *
  * Rows may be float32 or bfloat16 (flag per tensor); arithmetic is float32. Threads: OpenMP over rows
  * (the same libgomp torch loads). Built and loaded by ropo_ray/adapters/native.py.
+ *
+ * Also here, for the same layer: its output scale (scale_forward / scale_backward, used by fused.py) and the
+ * coefficients c themselves, computed from the rotation's skew parameters by exact Cayley
+ * (cayley_coefficients / cayley_coefficients_backward, used by coefficients.py).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -531,4 +535,135 @@ void scale_backward(const void *g, int g_bf16, const void *out, int out_bf16, co
     for (int64_t i = 0; i < n; i++) gs[i] = (sum_gy[i] - (b ? b[i] * sum_g[i] : 0.f)) / s[i];
     free(sum_gy);
     free(sum_g);
+}
+
+/* A factor's kernel coefficients for L layers, straight from its skew parameters (ropo_ray/adapters/coefficients.py;
+ * the composed ops: cayley.py's exact Cayley, then rotation.py's band_coefficients).
+ *
+ * params [L, nb, p], p = b(b - 1)/2: block j of layer l has the skew S with S[r, c] = params[l, j, q] and
+ * S[c, r] = -params[l, j, q] for the q-th pair r < c in row-major order (cayley.skew_from_params). Each block's
+ * M = (I + S)^-1 by Gauss-Jordan elimination without pivoting (every pivot of I + S is >= 1: cayley.py), and
+ * Q = 2 M - I = (I + S)^-1 (I - S). Coefficient t of layer l is mask[t] * Q_l.flat[index[t]] (Q_l [nb, b, b]),
+ * written to out[l * ostride + t]; M is kept in msave [L, nb, b, b] for the backward. Threads over layers.
+ * The block loops take b as a compile-time constant for the usual sizes (COEF_CASES), so they unroll. */
+static inline __attribute__((always_inline)) void cayley_blocks_b(const float *params, int64_t nb, float *m,
+                                                                   float *qs, float *work, const int b) {
+    const int64_t p = (int64_t)b * (b - 1) / 2, bb = (int64_t)b * b;
+    for (int64_t j = 0; j < nb; j++) {
+        const float *q = params + j * p;
+        for (int r = 0; r < b; r++)
+            for (int c = 0; c < 2 * b; c++) work[r * 2 * b + c] = (c == r || c == r + b) ? 1.f : 0.f;
+        int64_t at = 0;
+        for (int r = 0; r < b; r++)
+            for (int c = r + 1; c < b; c++, at++) {
+                work[r * 2 * b + c] = q[at];
+                work[c * 2 * b + r] = -q[at];
+            }
+        for (int k = 0; k < b; k++) { /* [I + S | I] -> [I | M] */
+            float *pivot = work + k * 2 * b;
+            const float inv = 1.f / pivot[k];
+            for (int c = 0; c < 2 * b; c++) pivot[c] *= inv;
+            for (int r = 0; r < b; r++) {
+                if (r == k) continue;
+                float *row = work + r * 2 * b;
+                const float f = row[k];
+                for (int c = 0; c < 2 * b; c++) row[c] -= f * pivot[c];
+            }
+        }
+        for (int r = 0; r < b; r++)
+            for (int c = 0; c < b; c++) {
+                const float v = work[r * 2 * b + b + c];
+                m[j * bb + r * b + c] = v;
+                qs[j * bb + r * b + c] = 2.f * v - (r == c ? 1.f : 0.f);
+            }
+    }
+}
+
+/* dL/dparams of nb blocks from G = dL/dQ [nb, b, b] and M: dL/dS = -2 M^T G M^T, dL/dparams[q] = dS[r, c] - dS[c, r]. */
+static inline __attribute__((always_inline)) void cayley_grads_b(const float *g, const float *m, int64_t nb,
+                                                                  float *gparams, float *t1, const int b) {
+    const int64_t p = (int64_t)b * (b - 1) / 2, bb = (int64_t)b * b;
+    float *t2 = t1 + bb;
+    for (int64_t j = 0; j < nb; j++) {
+        const float *mj = m + j * bb, *gj = g + j * bb;
+        for (int r = 0; r < b; r++) /* t1 = M^T G */
+            for (int c = 0; c < b; c++) {
+                float a = 0.f;
+                for (int k = 0; k < b; k++) a += mj[k * b + r] * gj[k * b + c];
+                t1[r * b + c] = a;
+            }
+        for (int r = 0; r < b; r++) /* t2 = -2 t1 M^T */
+            for (int c = 0; c < b; c++) {
+                float a = 0.f;
+                for (int k = 0; k < b; k++) a += t1[r * b + k] * mj[c * b + k];
+                t2[r * b + c] = -2.f * a;
+            }
+        float *gp = gparams + j * p;
+        int64_t at = 0;
+        for (int r = 0; r < b; r++)
+            for (int c = r + 1; c < b; c++, at++) gp[at] = t2[r * b + c] - t2[c * b + r];
+    }
+}
+
+#define COEF_CASES(CALL) CALL(2) CALL(4) CALL(8) CALL(16)
+
+void cayley_coefficients(const float *params, int64_t layers, int64_t nb, int b, const int64_t *index,
+                         const float *mask, int64_t nc, float *out, int64_t ostride, float *msave, int threads) {
+    const int64_t p = (int64_t)b * (b - 1) / 2, bb = (int64_t)b * b;
+#pragma omp parallel num_threads(threads)
+    {
+        float *work = (float *)malloc((size_t)(2 * bb + nb * bb) * sizeof(float)), *qs = work + 2 * bb; /* Q_l */
+#pragma omp for schedule(static)
+        for (int64_t l = 0; l < layers; l++) {
+            float *m = msave + l * nb * bb;
+            const float *q = params + l * nb * p;
+            switch (b) {
+#define BLOCKS(B)                                                                                                      \
+    case B: cayley_blocks_b(q, nb, m, qs, work, B); break;
+                COEF_CASES(BLOCKS)
+#undef BLOCKS
+            default: cayley_blocks_b(q, nb, m, qs, work, b);
+            }
+            float *o = out + l * ostride;
+            for (int64_t t = 0; t < nc; t++) o[t] = mask[t] * qs[index[t]];
+        }
+        free(work);
+    }
+}
+
+/* Backward of cayley_coefficients: gout (row l at gout + l * gstride, the layout's nc coefficients) -> gparams
+ * [L, nb, p]. The coefficients' gradient gathers back into G = dL/dQ [nb, b, b] (index/mask transposed: a
+ * scatter-add), then each block's parameters' gradient (cayley_grads_b; dQ = -2 M dS M). */
+void cayley_coefficients_backward(const float *gout, int64_t gstride, const int64_t *index, const float *mask,
+                                  int64_t nc, const float *msave, int64_t layers, int64_t nb, int b, float *gparams,
+                                  int threads) {
+    const int64_t p = (int64_t)b * (b - 1) / 2, bb = (int64_t)b * b;
+#pragma omp parallel num_threads(threads)
+    {
+        float *g = (float *)malloc((size_t)(nb * bb) * sizeof(float));
+        float *t = (float *)malloc((size_t)(2 * bb) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t l = 0; l < layers; l++) {
+            const float *go = gout + l * gstride, *m = msave + l * nb * bb;
+            float *gp = gparams + l * nb * p;
+            memset(g, 0, (size_t)(nb * bb) * sizeof(float));
+            for (int64_t i = 0; i < nc; i++) g[index[i]] += mask[i] * go[i];
+            switch (b) {
+#define GRADS(B)                                                                                                       \
+    case B: cayley_grads_b(g, m, nb, gp, t, B); break;
+                COEF_CASES(GRADS)
+#undef GRADS
+            default: cayley_grads_b(g, m, nb, gp, t, b);
+            }
+        }
+        free(g);
+        free(t);
+    }
+}
+
+/* How many of v[0 .. n) are zero (the fused layer asks of its scale before the forward: one call, no tensor ops). */
+int64_t count_zeros(const float *v, int64_t n) {
+    int64_t zeros = 0;
+    for (int64_t i = 0; i < n; i++) zeros += v[i] == 0.f;
+    return zeros;
 }
