@@ -268,11 +268,12 @@ PROFILE_GROUPS = {  # self CPU time of profiled ops, grouped by what they do (fi
     "matmuls (frozen weights, LM head, small Cayley blocks)": ("aten::mm", "aten::addmm", "aten::bmm",
                                                              "aten::matmul", "aten::linear"),
     "dtype conversions and copies": ("aten::copy_", "aten::_to_copy"),
-    # the Cayley elimination's row updates (its divisions and subtractions stay in "other", its backward's bmm
-    # in "matmuls"); linalg and indexing ops are what the adapter="torch" path and older versions use
-    "rotation parameters (Cayley eliminations, band coefficients)": ("aten::addcmul", "aten::linalg_", "aten::lu",
-                                                                     "aten::index", "aten::_index_put",
-                                                                     "aten::triu"),
+    # the native coefficients (coefficients.py, forward and backward; since session 20); the composed Cayley
+    # elimination's row updates (its divisions and subtractions stay in "other", its backward's bmm in "matmuls");
+    # linalg and indexing ops are what the adapter="torch" path and older versions use
+    "rotation parameters (Cayley eliminations, band coefficients)": ("_PackedCoefficients", "aten::addcmul",
+                                                                     "aten::linalg_", "aten::lu", "aten::index",
+                                                                     "aten::_index_put", "aten::triu"),
     "optimizer (DeepSpeed AdamW, ZeRO-2 buffers)": ("Optimizer", "aten::_foreach", "aten::addcdiv", "aten::lerp",
                                                     "aten::sqrt", "aten::_fused_adam"),
 }
