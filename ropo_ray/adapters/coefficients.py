@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ropo_ray.adapters.cayley import num_skew_params
 from ropo_ray.adapters.rotation import BandLayout, FactorLayout
 
 
@@ -48,7 +49,7 @@ class _PackedCoefficients(torch.autograd.Function):
         layers, threads, offset, grads = grad.shape[0], torch.get_num_threads(), 0, []
         for m, layout, band, size, dtype in zip(ctx.saved_tensors, ctx.layouts, ctx.bands, ctx.sizes, ctx.dtypes):
             b, nb = layout.block_size, layout.num_blocks
-            g = torch.empty(layers, nb, b * (b - 1) // 2, dtype=torch.float32)
+            g = torch.empty(layers, nb, num_skew_params(b), dtype=torch.float32)
             library().cayley_coefficients_backward(grad.data_ptr() + 4 * offset, grad.shape[1], band.index.data_ptr(),
                                                    band.mask.data_ptr(), size, m.data_ptr(), layers, nb, b,
                                                    g.data_ptr(), threads)

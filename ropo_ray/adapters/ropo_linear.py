@@ -151,9 +151,17 @@ class RoPOLinear(nn.Module):
         if shared is not None and shared[1] == self._versions() and (shared[0].requires_grad or not (
                 torch.is_grad_enabled() and any(p.requires_grad for p in self.rotation))):
             return shared[0]
+        return self._packed([p[None] for p in self.rotation])[0]
+
+    def _packed(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """[L, ncoef]: the kernel's packed coefficients of L layers of this layer's layouts and method, from each
+        factor's parameters stacked over them ([L, nb, b(b-1)/2]); exact Cayley natively (coefficients.py), the
+        Neumann approximation by the composed ops."""
         if self.cayley == "exact":
-            return packed_coefficients([p[None] for p in self.rotation], self._layouts, self._bands)[0]
-        return pack_coefficients([band_coefficients(q, band) for q, band in zip(self.blocks(), self._bands)])
+            return packed_coefficients(params, self._layouts, self._bands)
+        return pack_coefficients([band_coefficients(factor_blocks(p, layout, self.cayley, self.neumann_terms), band)
+                                  for p, layout, band in zip(params, self._layouts, self._bands)],
+                                 layers=params[0].shape[0])
 
     def _versions(self) -> tuple[int, ...]:
         """The rotation parameters' version counters (an in-place update, e.g. an optimizer step, bumps them)."""
@@ -230,15 +238,9 @@ def share_rotations(layers: list[RoPOLinear]) -> None:
     for group in groups.values():
         if len(group) < 2:
             continue
-        first, count = group[0], len(group)
-        params = [torch.stack([layer.rotation[f] for layer in group]) for f in range(len(first._bands))]
-        if first.cayley == "exact":
-            packed = packed_coefficients(params, first._layouts, first._bands)  # [L, ncoef]
-        else:
-            packed = pack_coefficients([band_coefficients(factor_blocks(p, layout, first.cayley, first.neumann_terms),
-                                                          band)
-                                        for p, layout, band in zip(params, first._layouts, first._bands)],
-                                       layers=count)
+        first = group[0]
+        packed = first._packed([torch.stack([layer.rotation[f] for layer in group])
+                                for f in range(len(first._bands))])  # [L, ncoef]
         if packed.requires_grad:
             packed.register_hook(lambda _grad, group=group: release(group))
         for layer, row in zip(group, packed.unbind(0)):
