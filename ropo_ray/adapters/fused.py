@@ -14,8 +14,8 @@ input R^T x is not kept: the band kernel's backward recomputes it from x, which 
 anyway (q, k and v share one).
 
 Where some s is zero (a magnitude trained to 0) u cannot be recovered from the output: the forward then keeps
-a copy of u and the backward takes the composed ops. The kernel counts the zeros (`count_zeros`), which spares
-every call the tensor ops and the sync of asking torch.
+a copy of u and the backward takes the scale's gradients from it with tensor ops (the rest stays fused). The
+kernel counts the zeros (`count_zeros`), which spares every call the tensor ops and the sync of asking torch.
 
 Used only where it is exact and safe: the native kernel is loaded and the weight is an ordinary tensor (not a
 ZeRO-3 partition, whose gathering needs the base module to be called). The output is saved for the backward,
