@@ -140,6 +140,13 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """transformers' attention kernel. auto: eager for bf16 compute on the CPU (faster there than the CPU
     flash-attention kernel), transformers' default (SDPA) otherwise."""
+    implementation: Literal["auto", "native", "transformers"] = "auto"
+    """The model code the training workers run. native: `ropo_ray.train.llama`, a Llama in plain torch that
+    computes what transformers' LlamaForCausalLM does (same names, operations and dtypes), so a worker never
+    imports transformers' model code (about 110 MiB of resident memory less per worker, BENCHMARKS.md
+    session 21); an error for a model it does not cover. auto: native where it covers the model (Llama with
+    SiLU, default RoPE, eager or SDPA attention), transformers otherwise. Scoring and evaluation processes,
+    and every export, use transformers."""
 
 
     def __post_init__(self) -> None:

@@ -68,20 +68,30 @@ def cpu_bf16_warning(bf16: bool, gpu: bool) -> str | None:
             "slower than fp32 here; train.precision=fp32 is the fast setting on this machine")
 
 
-def load_model(path: str | Path, cfg: ModelConfig, *, bf16: bool = False, gpu: bool = False) -> nn.Module:
+def load_model(path: str | Path, cfg: ModelConfig, *, bf16: bool = False, gpu: bool = False,
+               allow_native: bool = False) -> nn.Module:
     """A causal LM from a checked folder, in eval mode.
 
     `bf16`: the caller computes in bf16 (train.precision=bf16): the weights load straight in bf16, which is
     what DeepSpeed's bf16 mode casts them to anyway, instead of in `model.dtype` and then cast (the fp32 copy
     set the worker's peak memory); with `gpu` it picks the attention kernel (`attention_implementation`).
+    `allow_native`: the caller only runs the model's forward (a training step), so `model.implementation`
+    may give it `ropo_ray.train.llama`'s model instead of transformers' (`native_model`).
     Safetensors folders whose tensors match the model's own parameters are read tensor by tensor
     (`stream_safetensors`); anything else goes through transformers' loader.
     """
-    from transformers import AutoModelForCausalLM
-
     folder = check_model_folder(path, cfg)
     attention = attention_implementation(cfg, bf16 or cfg.dtype == "bfloat16", gpu)
     dtype = torch.bfloat16 if bf16 else DTYPES[cfg.dtype]
+    if allow_native and cfg.implementation != "transformers":
+        model, why = native_model(folder, dtype, attention)
+        if model is not None:
+            return model.eval()
+        if cfg.implementation == "native":
+            raise ConfigError(f"model.implementation=native: {folder}: {why}; set model.implementation=auto "
+                              "to load it through transformers")
+    from transformers import AutoModelForCausalLM
+
     model = stream_safetensors(folder, cfg, dtype, attention)
     if model is None:
         # use_safetensors=True makes transformers refuse pickle files; when they are allowed, weights_only
@@ -159,6 +169,46 @@ def write_safetensors(path: Path, layout: list[tuple[str, torch.dtype, tuple[int
     return offset
 
 
+def fill_from_safetensors(model: nn.Module, headers: dict[Path, dict[str, dict]]) -> bool:
+    """Copy the files' tensors (`safetensors_header` of each) into `model`'s parameters and persistent buffers
+    of the same names, one tensor at a time through one reused buffer. False, with nothing copied, when the
+    names or shapes differ (a tensor the model lacks, one of another shape, or a model tensor no file holds;
+    tied weights may be stored once)."""
+    stored = {name: entry for header in headers.values() for name, entry in header.items()}
+    targets = model.state_dict(keep_vars=True)
+    loaded = {targets[name].data_ptr() for name in stored if name in targets}
+    if (set(stored) - set(targets) or any(tuple(targets[k].shape) != tuple(e["shape"]) for k, e in stored.items())
+            or any(t.data_ptr() not in loaded for k, t in targets.items() if k not in stored)):
+        return False
+    buffer = tensor_buffer(headers)
+    with torch.no_grad():
+        for file, header in headers.items():
+            with file.open("rb", buffering=0) as f:
+                for name, entry in header.items():
+                    targets[name].data.copy_(read_tensor(f, file, name, entry, buffer))
+    return True
+
+
+def native_model(folder: Path, dtype: torch.dtype, attention: str | None) -> tuple[nn.Module | None, str]:
+    """(`ropo_ray.train.llama`'s model of the folder, "") or (None, why not): a config it does not cover, an
+    attention kernel it does not have, or safetensors whose tensors are not exactly its parameters."""
+    from ropo_ray.train import llama
+
+    spec, why = llama.read_spec(folder)
+    if spec is None:
+        return None, why
+    if attention not in (None, "sdpa", "eager"):
+        return None, f"attention {attention!r} (it has eager and SDPA)"
+    headers = {file: safetensors_header(file) for file in sorted(folder.glob("*.safetensors"))}
+    if not headers or any(e["dtype"] not in SAFETENSORS_DTYPES for h in headers.values() for e in h.values()):
+        return None, "its weights are not all floating-point safetensors"
+    spec._attn_implementation, spec.name_or_path = attention or "sdpa", str(folder)
+    model = llama.build(spec, dtype)
+    if not fill_from_safetensors(model, headers):
+        return None, "its safetensors' names or shapes are not a Llama's parameters"
+    return model, ""
+
+
 def stream_safetensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype, attention: str | None) -> nn.Module | None:
     """The model built empty in `dtype`, its tensors read from the folder's safetensors one at a time.
 
@@ -181,17 +231,8 @@ def stream_safetensors(folder: Path, cfg: ModelConfig, dtype: torch.dtype, atten
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                                  **({"attn_implementation": attention} if attention else {}))
     model.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties them
-    targets = model.state_dict(keep_vars=True)
-    loaded = {targets[name].data_ptr() for name in stored if name in targets}
-    if (set(stored) - set(targets) or any(tuple(targets[k].shape) != tuple(e["shape"]) for k, (_, e) in stored.items())
-            or any(t.data_ptr() not in loaded for k, t in targets.items() if k not in stored)):
+    if not fill_from_safetensors(model, headers):
         return None
-    buffer = tensor_buffer(headers)
-    with torch.no_grad():
-        for file, header in headers.items():
-            with file.open("rb", buffering=0) as f:
-                for name, entry in header.items():
-                    targets[name].data.copy_(read_tensor(f, file, name, entry, buffer))
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     model.config._name_or_path = str(folder)
