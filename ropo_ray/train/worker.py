@@ -196,7 +196,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ds_cfg = deepspeed_config(tc, ctx.get_world_size())
     if tc.lean_imports:
         keep_lean(ds_cfg, tc.use_gpu)  # before the model's imports
-    model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=bf16, gpu=tc.use_gpu), cfg.adapter)
+    native_ok = cfg.adapter.type in ("ropo", "full") and not tc.use_gpu  # plain nn.Linear adapters, CPU steps
+    model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=bf16, gpu=tc.use_gpu,
+                                      allow_native=native_ok), cfg.adapter)
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -226,18 +228,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _export(engine: Any, config: dict[str, Any], folder: Path) -> None:
-    """Rank 0 writes the merged model and adapter weights into the final checkpoint.
+    """Rank 0 writes the merged model and adapter weights into the final checkpoint (`export_model`).
 
     Only the trainable parameters are gathered (one at a time under ZeRO-3); the frozen base comes
-    from the model folder on disk, so no rank ever holds the whole sharded model. A RoPO model's merge
-    is written tensor by tensor from that folder (`export_streamed`): beside the engine, rank 0 then holds
-    one weight at a time, not a second adapted model and its merged copy.
+    from the model folder on disk, so no rank ever holds the whole sharded model. A worker that trained
+    `ropo_ray.train.llama`'s model has not imported transformers, which the export needs (the tokenizer and
+    config files): it exports in a child process, so those imports never count against the worker.
     """
+    import sys
+
     import deepspeed
     import ray.train
-
-    from ropo_ray.runs import export_run, export_streamed
-    from ropo_ray.train.model_io import load_tokenizer
 
     cfg: Config = config["cfg"]
     trainable = {}
@@ -247,17 +248,39 @@ def _export(engine: Any, config: dict[str, Any], folder: Path) -> None:
                 trainable[name] = param.detach().cpu().clone()
     if ray.train.get_context().get_world_rank() != 0:
         return
-    tokenizer = load_tokenizer(cfg.model.tokenizer_path or config["model_dir"], cfg.model)
-    summary = {"step": config["total_steps"]}
-    if cfg.adapter.type == "ropo" and export_streamed(Path(config["model_dir"]), list(ropo_layers(engine.module)),
-                                                      trainable, tokenizer, cfg, folder / "export", summary):
+    job = {"cfg": cfg, "model_dir": str(config["model_dir"]), "total_steps": config["total_steps"],
+           "trainable": trainable, "layers": list(ropo_layers(engine.module)), "folder": str(folder)}
+    if "transformers" in sys.modules:
+        export_model(**job)
         return
-    fresh = attach_adapter(load_model(config["model_dir"], cfg.model), cfg.adapter)
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="ropo-export-") as tmp:
+        torch.save(job, Path(tmp) / "job.pt")
+        proc = subprocess.run([sys.executable, "-m", "ropo_ray.train.worker", "--export", str(Path(tmp) / "job.pt")],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the export's child process failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def export_model(cfg: Config, model_dir: str, total_steps: int, trainable: dict[str, torch.Tensor],
+                 layers: list[str], folder: str) -> None:
+    """The merged model, adapter weights and config under `folder`/export. A RoPO model's merge is written
+    tensor by tensor from the model folder (`export_streamed`): memory holds one weight at a time, not a second
+    adapted model and its merged copy."""
+    from ropo_ray.runs import export_run, export_streamed
+    from ropo_ray.train.model_io import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer_path or model_dir, cfg.model)
+    summary, out = {"step": total_steps}, Path(folder) / "export"
+    if cfg.adapter.type == "ropo" and export_streamed(Path(model_dir), layers, trainable, tokenizer, cfg, out, summary):
+        return
+    fresh = attach_adapter(load_model(model_dir, cfg.model), cfg.adapter)
     missing = set(trainable) - set(dict(fresh.named_parameters()))
     if missing:
         raise RuntimeError(f"export: trained parameters not found in a fresh adapted model: {sorted(missing)[:3]}")
     fresh.load_state_dict(trainable, strict=False)
-    export_run(fresh, tokenizer, cfg, folder / "export", summary)
+    export_run(fresh, tokenizer, cfg, out, summary)
 
 
 def _train_epoch(run: _Run, train_shard: Any) -> None:
@@ -354,3 +377,11 @@ def _tensorboard(location: str | None, rank: int) -> TensorBoardLog | None:
 def _log(writer: TensorBoardLog | None, record: dict[str, float]) -> None:
     if writer is not None:
         writer.log(record)
+
+
+if __name__ == "__main__":  # the export's child process (`_export`): python -m ropo_ray.train.worker --export JOB
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--export":
+        raise SystemExit("usage: python -m ropo_ray.train.worker --export JOB (written by a training worker)")
+    export_model(**torch.load(sys.argv[2], weights_only=False))  # our own file, written by the worker

@@ -59,10 +59,11 @@ def test_loss_starts_at_ln2_falls_and_export_matches(polite_data, tiny_assets, t
     assert len(peaks) >= 2 and all(later > earlier - 1 for earlier, later in zip(peaks, peaks[1:]))
     assert result.metrics["peak_rss_mib"] >= peaks[-1] > 100  # torch alone holds more than 100 MiB resident
     # where the memory went: resident at the loop's start (torch imported), with the model, with the engine; each
-    # at most the final peak. Building the model imports transformers' Llama code, which alone holds more than
-    # 20 MiB (116 MiB measured, BENCHMARKS.md session 19), so the model's point is well above the start's.
+    # at most the final peak. The workers build ropo_ray.train.llama's model (model.implementation=auto), which
+    # imports no transformers code: the model's point is above the start's by little more than its weights
+    # (the merged export below, written by a child process that does import transformers, checks the rest).
     stages = [result.metrics[f"memory/{s}_mib"] for s in ("start", "model", "engine")]
-    assert stages[0] > 100 and stages[1] - stages[0] > 20 and max(stages) <= result.metrics["peak_rss_mib"]
+    assert stages[0] > 100 and 0 < stages[1] - stages[0] < 60 and max(stages) <= result.metrics["peak_rss_mib"]
     seconds = [r["train_seconds"] for r in records if "train_seconds" in r]
     assert seconds == sorted(seconds) and seconds[0] > 0  # time in training steps only accumulates
     # log_every=1: every step's record reaches the log once, in order, though records made while a report
