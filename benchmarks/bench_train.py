@@ -45,6 +45,7 @@ from pathlib import Path
 import benchlib
 from benchlib import load_json, machine_busy_seconds, versions, wait_for_quiet
 
+from ropo_ray.config.inputs import ModelConfig
 from ropo_ray.config.training import TrainConfig
 from ropo_ray.train.allocator import worker_env
 
@@ -316,7 +317,8 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
     ds_cfg = deepspeed_config(tc, 1)
     kept_out = keep_lean(ds_cfg, tc.use_gpu) if tc.lean_imports else []  # as the worker does
     torch.manual_seed(tc.seed)
-    model = attach_adapter(load_model(args.work / "model", ModelConfig(), bf16=precision == "bf16"), AdapterConfig())
+    model = attach_adapter(load_model(args.work / "model", ModelConfig(implementation=args.model_implementation),
+                                      bf16=precision == "bf16", allow_native=True), AdapterConfig())
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -391,6 +393,7 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
                  "train.log_every=1", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
                  f"train.worker_niceness={args.worker_niceness}", f"train.shared_prompt={not args.concatenated}",
                  f"train.pad_to_multiple={args.pad_to_multiple}", f"train.allocator={loaded_allocator()}",
+                 f"model.implementation={args.model_implementation}",
                  f"train.jemalloc_conf={os.environ.get('MALLOC_CONF', '')}",
                  f"cache.root={args.work / 'refcache'}", f"pipeline.run_dir={run_dir}",
                  f"pipeline.artifacts_dir={args.work / 'artifacts'}"]
@@ -530,6 +533,8 @@ VARIANTS = {
     "concatenated": "with train.shared_prompt=false: chosen and rejected stacked, each prompt run twice (RoPO sides)",
     "pad8": "with train.pad_to_multiple=8 (RoPO sides)",
     "pad16": "with train.pad_to_multiple=16 (RoPO sides)",
+    "transformers": "with model.implementation=transformers: transformers' LlamaForCausalLM instead of "
+                    "ropo_ray.train.llama's (RoPO sides)",
 }
 """Side-name suffixes: `side+variant` runs the side with a setting changed, so that both are measured side by side
 in one run (e.g. --sides ropo_bf16,ropo_bf16+jemalloc-defaults)."""
@@ -549,6 +554,7 @@ def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | Non
     cmd += ["--worker-niceness", "15" if "ray-niceness" in variants else str(args.worker_niceness)]
     if "concatenated" in variants or args.concatenated:
         cmd.append("--concatenated")
+    cmd += ["--model-implementation", "transformers" if "transformers" in variants else args.model_implementation]
     pads = [int(v[3:]) for v in variants if v.startswith("pad")]
     cmd += ["--pad-to-multiple", str(pads[0] if pads else args.pad_to_multiple)]
     for key in ("batch", "steps", "warmup", "seq_len", "hidden", "layers", "intermediate", "threads", "rounds"):
@@ -687,6 +693,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MALLOC_CONF of the sides on jemalloc (default: train.jemalloc_conf's default)")
     parser.add_argument("--no-lean-imports", action="store_true",
                         help="RoPO sides with train.lean_imports=false (Triton and DeepSpeed's Muon imported)")
+    parser.add_argument("--model-implementation", choices=("auto", "native", "transformers"),
+                        default=ModelConfig().implementation,
+                        help="model.implementation of the RoPO sides (default: the config's default)")
     parser.add_argument("--concatenated", action="store_true",
                         help="RoPO sides with train.shared_prompt=false (each prompt run twice, as TRL does)")
     parser.add_argument("--pad-to-multiple", type=int, default=TrainConfig().pad_to_multiple,
