@@ -259,3 +259,21 @@ def test_recomputation_gives_the_same_gradients_and_runs_each_layer_twice(folder
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
     with pytest.raises(ValueError, match="use_reentrant"):
         load_model(folder, ModelConfig(), allow_native=True).gradient_checkpointing_enable({"use_reentrant": True})
+
+
+def test_recomputation_replays_the_dropout(tmp_path):
+    """With attention dropout, the recomputed layer draws the forward's masks again (the CPU random state is
+    restored): checkpointed gradients equal those of keeping every activation, from the same seed."""
+    folder = _save_llama(tmp_path / "m", seed=8, attention_dropout=0.3)
+    grads = []
+    for checkpointed in (False, True):
+        model = attach_adapter(load_model(folder, ModelConfig(), allow_native=True), AdapterConfig(block_sizes=(2,)))
+        model.train()
+        if checkpointed:
+            model.gradient_checkpointing_enable()
+        ids, mask = _inputs(seed=9)
+        torch.manual_seed(10)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (torch.log_softmax(logits, -1)[..., 2] * mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
