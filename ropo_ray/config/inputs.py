@@ -146,7 +146,8 @@ class ModelConfig:
     imports transformers' model code (about 110 MiB of resident memory less per worker, BENCHMARKS.md
     session 21); an error for a model it does not cover. auto: native where it covers the model (Llama with
     SiLU, default RoPE, eager or SDPA attention), transformers otherwise. Scoring and evaluation processes,
-    and every export, use transformers."""
+    every export, GPU workers, the peft baselines and runs with train.probe_prompts (the probe samples with
+    transformers' generate) use transformers."""
 
 
     def __post_init__(self) -> None:

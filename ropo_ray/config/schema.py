@@ -142,6 +142,11 @@ class Config:
         if self.tune.kl_penalty or self.tune.length_penalty:
             check(self.train.probe_prompts > 0, "train.probe_prompts",
                   "tune.kl_penalty / tune.length_penalty need the probe: set train.probe_prompts > 0")
+        if self.model.implementation == "native":
+            check(not self.train.use_gpu and not self.train.probe_prompts
+                  and {self.adapter.type, *self.tune.adapter_types} <= {"ropo", "full"}, "model.implementation",
+                  "native runs CPU training workers with the ropo or full adapter and no probe (train.probe_prompts "
+                  "samples with transformers' generate): set model.implementation=auto")
         if self.train.probe_prompts:
             check("full" not in {self.adapter.type, *self.tune.adapter_types}, "train.probe_prompts",
                   "the probe's reference is the frozen base under the adapters; adapter.type=full has none")

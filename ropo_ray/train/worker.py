@@ -196,7 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ds_cfg = deepspeed_config(tc, ctx.get_world_size())
     if tc.lean_imports:
         keep_lean(ds_cfg, tc.use_gpu)  # before the model's imports
-    native_ok = cfg.adapter.type in ("ropo", "full") and not tc.use_gpu  # plain nn.Linear adapters, CPU steps
+    # the native Llama: plain nn.Linear adapters, CPU steps, and no probe (which samples with transformers' generate)
+    native_ok = cfg.adapter.type in ("ropo", "full") and not tc.use_gpu and not tc.probe_prompts
     model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=bf16, gpu=tc.use_gpu,
                                       allow_native=native_ok), cfg.adapter)
     if tc.activation_checkpointing:

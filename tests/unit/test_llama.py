@@ -277,3 +277,15 @@ def test_recomputation_replays_the_dropout(tmp_path):
         (torch.log_softmax(logits, -1)[..., 2] * mask).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_native_asked_for_where_it_cannot_run_is_refused():
+    from ropo_ray.config.schema import Config
+    from ropo_ray.config.training import TrainConfig
+
+    Config(model=ModelConfig(implementation="native"))  # the default adapter (ropo), CPU, no probe
+    for train, adapter in ((TrainConfig(probe_prompts=2), AdapterConfig()),
+                           (TrainConfig(use_gpu=True), AdapterConfig()), (TrainConfig(), AdapterConfig(type="lora"))):
+        with pytest.raises(ConfigError, match="model.implementation"):
+            Config(model=ModelConfig(implementation="native"), train=train, adapter=adapter)
+    Config(train=TrainConfig(probe_prompts=2))  # auto: the probe's runs load transformers' model instead
