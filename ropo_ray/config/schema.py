@@ -120,6 +120,13 @@ class PipelineConfig:
                   f"each entry is 'section.key=value ...', got {spec!r}")
 
 
+def native_model_runs(adapter_types: set[str], train: TrainConfig) -> bool:
+    """Whether training with these adapters and settings can run `ropo_ray.train.llama`'s model
+    (`model.implementation`): plain nn.Linear adapters (ropo, full), CPU workers, no probe (it samples with
+    transformers' generate)."""
+    return adapter_types <= {"ropo", "full"} and not train.use_gpu and not train.probe_prompts
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration of a ropo-ray run."""
@@ -143,8 +150,7 @@ class Config:
             check(self.train.probe_prompts > 0, "train.probe_prompts",
                   "tune.kl_penalty / tune.length_penalty need the probe: set train.probe_prompts > 0")
         if self.model.implementation == "native":
-            check(not self.train.use_gpu and not self.train.probe_prompts
-                  and {self.adapter.type, *self.tune.adapter_types} <= {"ropo", "full"}, "model.implementation",
+            check(native_model_runs({self.adapter.type, *self.tune.adapter_types}, self.train), "model.implementation",
                   "native runs CPU training workers with the ropo or full adapter and no probe (train.probe_prompts "
                   "samples with transformers' generate): set model.implementation=auto")
         if self.train.probe_prompts:

@@ -2,7 +2,8 @@
 
 Why: a worker that builds its model through transformers imports transformers' model code, and with it
 torch._dynamo, sympy, DTensor, accelerate and boto3 (transformers' mask and cache code and its DeepSpeed
-integration import them at import time), about 110 MiB of resident memory that no training step uses
+integration import them at import time), about 110 MiB of resident memory that no training step uses. torch's
+optimizers still bring torch._dynamo and sympy in, so the product's worker peaks 52 MiB lower with this module
 (BENCHMARKS.md, session 21). This module computes what `transformers.LlamaForCausalLM` computes, with the
 same operations in the same order and dtypes (Touvron et al. 2023, arXiv 2302.13971: pre-norm RMSNorm,
 SwiGLU MLP, rotary position embeddings of Su et al., arXiv 2104.09864, eq. 34; grouped-query attention of
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ropo_ray.train.logprobs import additive_mask_of
+
 
 @dataclass
 class LlamaSpec:
@@ -47,8 +50,6 @@ class LlamaSpec:
     pad_token_id: int | None = None
     attention_dropout: float = 0.0
     _attn_implementation: str = "sdpa"
-    model_type: str = "llama"
-    name_or_path: str = ""
 
 
 def native_spec(config: dict[str, Any]) -> tuple[LlamaSpec | None, str]:
@@ -282,10 +283,8 @@ def additive_mask(attention_mask: torch.Tensor | None, x: torch.Tensor, attentio
     a [B, T] padding mask (1 = token) is combined with causality; None is plain causality (left to SDPA's
     causal kernel when attention is SDPA, as transformers does)."""
     if attention_mask is not None and attention_mask.dim() == 4:
-        if attention_mask.dtype == torch.bool:
-            return torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
-                ~attention_mask, torch.finfo(x.dtype).min)
-        return attention_mask.to(x.dtype)
+        return additive_mask_of(attention_mask, x.dtype) if attention_mask.dtype == torch.bool \
+            else attention_mask.to(x.dtype)
     if attention_mask is None and attention != "eager":
         return None
     t = x.shape[1]
@@ -295,7 +294,7 @@ def additive_mask(attention_mask: torch.Tensor | None, x: torch.Tensor, attentio
             raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)}: expected [batch, length] "
                              f"{tuple(x.shape[:2])} or a 4D mask")
         allowed = allowed & attention_mask.bool()[:, None, None, :]
-    return torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, torch.finfo(x.dtype).min)
+    return additive_mask_of(allowed, x.dtype)
 
 
 @dataclass

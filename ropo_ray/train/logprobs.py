@@ -135,13 +135,19 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return getattr(model, "module", model).get_input_embeddings().weight.dtype
 
 
+def additive_mask_of(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True: the query may see the key) as the additive mask attention adds to its
+    scores: 0 where allowed, the dtype's minimum elsewhere (transformers' eager mask)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                       torch.finfo(dtype).min)
+
+
 def shared_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One forward of the shared-prompt batch (`collate_shared`) -> the same dict as `concatenated_forward`.
 
     The mask goes to the model as a 4D additive mask [B, 1, L, L] in its compute dtype (0 where allowed,
     the dtype's minimum elsewhere), which transformers' eager and SDPA attention apply as given."""
-    dtype = compute_dtype(model)
-    mask = torch.zeros(batch["allowed"].shape, dtype=dtype).masked_fill_(~batch["allowed"], torch.finfo(dtype).min)
+    mask = additive_mask_of(batch["allowed"], compute_dtype(model))
     out = model(input_ids=batch["input_ids"], attention_mask=mask[:, None], position_ids=batch["position_ids"],
                 use_cache=False)
     logits = out.logits  # [B, L, V]

@@ -202,7 +202,7 @@ def native_model(folder: Path, dtype: torch.dtype, attention: str | None) -> tup
     headers = {file: safetensors_header(file) for file in sorted(folder.glob("*.safetensors"))}
     if not headers or any(e["dtype"] not in SAFETENSORS_DTYPES for h in headers.values() for e in h.values()):
         return None, "its weights are not all floating-point safetensors"
-    spec._attn_implementation, spec.name_or_path = attention or "sdpa", str(folder)
+    spec._attn_implementation = attention or "sdpa"
     model = llama.build(spec, dtype)
     if not fill_from_safetensors(model, headers):
         return None, "its safetensors' names or shapes are not a Llama's parameters"

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ropo_ray.adapters.inject import ropo_layers
 from ropo_ray.adapters.registry import attach_adapter
-from ropo_ray.config.schema import Config
+from ropo_ray.config.schema import Config, native_model_runs
 from ropo_ray.train.allocator import allocator_warning, loaded_allocator
 from ropo_ray.train.checkpoints import write_record
 from ropo_ray.train.ds_config import deepspeed_config
@@ -196,10 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ds_cfg = deepspeed_config(tc, ctx.get_world_size())
     if tc.lean_imports:
         keep_lean(ds_cfg, tc.use_gpu)  # before the model's imports
-    # the native Llama: plain nn.Linear adapters, CPU steps, and no probe (which samples with transformers' generate)
-    native_ok = cfg.adapter.type in ("ropo", "full") and not tc.use_gpu and not tc.probe_prompts
     model = attach_adapter(load_model(config["model_dir"], cfg.model, bf16=bf16, gpu=tc.use_gpu,
-                                      allow_native=native_ok), cfg.adapter)
+                                      allow_native=native_model_runs({cfg.adapter.type}, tc)), cfg.adapter)
     if tc.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
