@@ -143,11 +143,11 @@ class ModelConfig:
     implementation: Literal["auto", "native", "transformers"] = "auto"
     """The model code the training workers run. native: `ropo_ray.train.llama`, a Llama in plain torch that
     computes what transformers' LlamaForCausalLM does (same names, operations and dtypes), so a worker never
-    imports transformers' model code (about 110 MiB of resident memory less per worker, BENCHMARKS.md
-    session 21); an error for a model it does not cover. auto: native where it covers the model (Llama with
-    SiLU, default RoPE, eager or SDPA attention), transformers otherwise. Scoring and evaluation processes,
-    every export, GPU workers, the peft baselines and runs with train.probe_prompts (the probe samples with
-    transformers' generate) use transformers."""
+    imports transformers' model code (the product's worker peaked 52 MiB lower, BENCHMARKS.md session 21:
+    torch's optimizers still import torch._dynamo and sympy); an error for a model it does not cover. auto:
+    native where it covers the model (Llama with SiLU, default RoPE, eager or SDPA attention), transformers
+    otherwise. Scoring and evaluation processes, every export, GPU workers, the peft baselines and runs with
+    train.probe_prompts (the probe samples with transformers' generate) use transformers."""
 
 
     def __post_init__(self) -> None:
