@@ -14,8 +14,9 @@ pair is `--seq-len` tokens) and the same batch (`--batch` pairs per step) on eve
              TrainConfig defaults: ZeRO-2, AdamW) running `preference_step` + engine.backward + engine.step,
              exactly what a Ray Train worker runs per micro-batch, on rows carrying cached reference log-probs;
 - ropo_bf16: the same with train.precision=bf16;
-- ropo_worker: the product itself, `ropo-ray train` (bf16, activation checkpointing) in a Ray Train worker on a
-             local Ray cluster: the worker's own peak RSS (export included) and pairs/s from its metrics;
+- ropo_worker: the product itself, `ropo-ray train` (--worker-precision, activation checkpointing) in a Ray Train
+             worker on a local Ray cluster: the worker's own peak RSS (export included) and pairs/s from its
+             metrics;
 - base:      the model with every weight frozen and the embedding output requiring grad, forward + DPO loss +
              backward (no optimizer): the reference for the RoPO layer's overhead and for MFU.
 
@@ -369,7 +370,8 @@ def side_ropo(args: argparse.Namespace, precision: str, profile: bool = False, c
 
 
 def side_ropo_worker(args: argparse.Namespace) -> dict:
-    """The product itself: `ropo-ray train` on a local Ray cluster, one Ray Train worker (DeepSpeed, bf16,
+    """The product itself: `ropo-ray train` on a local Ray cluster, one Ray Train worker (DeepSpeed,
+    --worker-precision (bf16 by default; fp32 on a CPU without native bf16, where bf16 steps take minutes),
     activation checkpointing, `--threads` CPUs) on the same model and pairs (the messages schema, so the
     product's own templating and tokenising give the rows the other sides get; data.eval_fraction at its
     default, so the held-out evaluations run as they do for a user). The worker's figures come from its
@@ -388,7 +390,8 @@ def side_ropo_worker(args: argparse.Namespace) -> dict:
         shutil.rmtree(run_dir)
     total = args.warmup + args.steps
     overrides = [f"model.path={args.work / 'model'}", f"data.train_files=[{args.work / 'pairs.jsonl'}]",
-                 "train.precision=bf16", "train.activation_checkpointing=true", f"train.micro_batch_size={args.batch}",
+                 f"train.precision={args.worker_precision}", "train.activation_checkpointing=true",
+                 f"train.micro_batch_size={args.batch}",
                  f"train.max_steps={total}", "train.epochs=1000", f"train.cpus_per_worker={args.threads}",
                  "train.log_every=1", f"train.eval_every={10 * total}", f"train.checkpoint_every={10 * total}",
                  f"train.worker_niceness={args.worker_niceness}", f"train.shared_prompt={not args.concatenated}",
@@ -686,6 +689,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20, help="RoPO / frozen step pairs of the overhead sides")
     parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--worker-precision", choices=("bf16", "fp32"), default="bf16",
+                        help="train.precision of ropo_worker (fp32 on CPUs without native bf16)")
     benchlib.add_quiet_arguments(parser, max_other_cores=0.2)
     parser.add_argument("--ropo-allocator", choices=("system", "jemalloc"), default=TrainConfig().allocator,
                         help="train.allocator of the RoPO sides (default: the config's default)")
