@@ -554,7 +554,8 @@ def run_once(args: argparse.Namespace, side: str, tag: str, allocator: str | Non
     cmd = [sys.executable, __file__, "--side", side, "--work", str(args.work), "--result", str(result)]
     if "all-imports" in variants or args.no_lean_imports:
         cmd.append("--no-lean-imports")
-    cmd += ["--worker-niceness", "15" if "ray-niceness" in variants else str(args.worker_niceness)]
+    cmd += ["--worker-niceness", "15" if "ray-niceness" in variants else str(args.worker_niceness),
+            "--worker-precision", args.worker_precision]
     if "concatenated" in variants or args.concatenated:
         cmd.append("--concatenated")
     cmd += ["--model-implementation", "transformers" if "transformers" in variants else args.model_implementation]
