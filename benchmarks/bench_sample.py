@@ -438,10 +438,10 @@ def calibrate(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict
     return chosen, runs
 
 
-def decode_phase(run: dict) -> tuple[float, float]:
-    """(tokens, seconds) of a run's decode phase: every generated token after each request's first, in the time
-    its calls took beyond as many prefill-only calls (`prefill_record`)."""
-    return run["tokens"] - run["samples"], run["seconds"] - run["prefill_seconds"]
+def decode_tokens_per_s(run: dict) -> float:
+    """Tokens/s of a run's decode phase: every generated token after each request's first, in the time its calls
+    took beyond as many prefill-only calls (`prefill_record`)."""
+    return (run["tokens"] - run["samples"]) / (run["seconds"] - run["prefill_seconds"])
 
 
 def summarise(runs: dict[str, list[dict]], ceilings: list[dict], parameters: dict[str, int]) -> dict:
@@ -449,7 +449,7 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict], parameters: dic
     (FLOPs = 2 x parameters per token forward):
 
     - generated: generated tokens/s, the issue's decode compute bound (every generated token at 2 x parameters);
-    - decode_phase: the decode phase alone (`decode_phase`), where the same bound applies to what is computed;
+    - decode_phase: the decode phase alone (`decode_tokens_per_s`), where the same bound applies to what is computed;
     - all_work: prompt and generated tokens per second of the whole call, everything the engine must run."""
     med = statistics.median
     tps = {s: med([r["tokens_per_s"] for r in runs[s]]) for s in runs}
@@ -458,17 +458,17 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict], parameters: dic
     if {"vllm_bf16", "hf_fp32"} <= runs.keys():
         ratios["vllm_bf16 / hf_fp32"] = tps["vllm_bf16"] / tps["hf_fp32"]
     util: dict[str, dict[str, float]] = {}
+    flops = 2 * parameters["total"]  # per token forward
     for side in runs:
         for count in ("total", "non_embedding"):
             for ceiling in ("bf16", "fp32") if side.endswith("fp32") else ("bf16",):
                 util.setdefault(side, {})[f"{count}_params_vs_{ceiling}_ceiling"] = med(
                     [r["tokens_per_s"] * 2 * parameters[count] / c[ceiling] for r, c in zip(runs[side], ceilings)])
-        ceiling = side.split("_")[1]
-        flops = 2 * parameters["total"]
+        dtype = side.split("_")[1]
         util[side]["decode_phase_vs_same_dtype_ceiling"] = med(
-            [flops * decode_phase(r)[0] / decode_phase(r)[1] / c[ceiling] for r, c in zip(runs[side], ceilings)])
+            [flops * decode_tokens_per_s(r) / c[dtype] for r, c in zip(runs[side], ceilings)])
         util[side]["all_work_vs_same_dtype_ceiling"] = med(
-            [flops * (r["tokens"] + r["prompt_tokens"]) / r["seconds"] / c[ceiling]
+            [flops * (r["tokens"] + r["prompt_tokens"]) / r["seconds"] / c[dtype]
              for r, c in zip(runs[side], ceilings)])
     judged = "bf16" if "bf16" in dtypes else dtypes[0]
     best_ratio = max(ratios.values())
@@ -477,8 +477,7 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict], parameters: dic
         "median_tokens_per_s": tps, "ratios": ratios, "decode_compute_bound_utilisation": util,
         "median_seconds": {s: med([r["seconds"] for r in runs[s]]) for s in runs},
         "median_prefill_seconds": {s: med([r["prefill_seconds"] for r in runs[s]]) for s in runs},
-        "median_decode_phase_tokens_per_s": {s: med([decode_phase(r)[0] / decode_phase(r)[1] for r in runs[s]])
-                                             for s in runs},
+        "median_decode_phase_tokens_per_s": {s: med([decode_tokens_per_s(r) for r in runs[s]]) for s in runs},
         "median_ceiling_flops": {k: med([c[k] for c in ceilings]) for k in ("fp32", "bf16")},
         "median_vllm_engine_startup_seconds": {s: med([r["engine_startup_seconds"] for r in runs[s]])
                                                for s in runs if s.startswith("vllm")},
@@ -566,7 +565,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.repeats, args.prompts = 1, 16
     dtypes = args.dtypes.split(",")
-    if not dtypes or any(d not in DTYPES for d in dtypes):
+    if any(d not in DTYPES for d in dtypes):
         p.error(f"--dtypes: a comma-separated list of {', '.join(DTYPES)}, not {args.dtypes!r}")
     args.sides = [s for s in SIDES if s.split("_")[1] in dtypes]
     return args
