@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         exports.append(folder.child("model"))
         finals[label] = {k: result.metrics.get(k) for k in ("eval/loss", "eval/rewards/accuracies", "step")}
 
-    with stage("evaluate (vLLM samples through Ray Data; report)"):
+    with stage("evaluate (vLLM samples of the reference and every run; report)"):
         report = evaluate(cfg, model_dir, tokenizer_dir(cfg, model_dir), exports, prepared_dir(cfg), report_dir(cfg))
     print(json.dumps({"final held-out metrics": finals, "stage_seconds": stage.seconds}, indent=2, default=str))
     print(f"merged models: {', '.join(str(e.child('merged')) for e in exports)}")

@@ -67,7 +67,11 @@ class EvalConfig:
     tensor_parallel_size: int = 1
     """GPUs per vLLM engine (GPU clusters)."""
     num_engines: int = 1
-    """vLLM engines sampling in parallel (Ray Data actors)."""
+    """vLLM engines sampling in parallel (one Ray actor each); the requests are split evenly between them."""
+    share_engines: bool = True
+    """Start the engines once per evaluation and load each further model (the runs share the reference's
+    architecture) by reloading the weights in place; false: fresh engines for every model. On 2 CPUs an
+    engine start takes 15-30 s (benchmarks/BENCHMARKS.md, "One engine for the whole evaluation")."""
     cpus_per_engine: int = 1
     """CPUs reserved by each vLLM engine on CPU machines."""
     enforce_eager: bool | None = None
@@ -79,8 +83,9 @@ class EvalConfig:
     """VLLM_CPU_KVCACHE_SPACE of each CPU engine, GiB."""
     max_model_len: int = 256
     """Longest prompt + answer the engine accepts, tokens."""
-    batch_size: int = 64
-    """Requests per Ray Data batch sent to an engine."""
+    batch_size: int = 1024
+    """Requests handed to an engine per call; the engine keeps up to vLLM's max_num_seqs of them in flight,
+    so small calls leave it stepping over few sequences at each call's end."""
     score_batch_size: int = 32
     """Sequences per forward when scoring log-probs."""
     examples: int = 4

@@ -1,9 +1,10 @@
 """`ropo-ray evaluate`: sample trained policies and their reference with vLLM, score, report.
 
 For the reference and every exported run (its merged HF folder): n samples per held-out prompt (vLLM
-through Ray Data, a seed per request) and a greedy answer per knowledge probe; then, per run, one Ray Data
-scoring pass under policy and reference (KL on the policy's samples, held-out preference accuracy from
-the implicit reward, knowledge-probe NLL), an optional reward model, the pure metrics of
+engines on Ray actors, started once and given each model's weights in turn; a seed per request) and a
+greedy answer per knowledge probe; then, per run, one Ray Data scoring pass under policy and reference
+(KL on the policy's samples, held-out preference accuracy from the implicit reward, knowledge-probe NLL),
+an optional reward model, the pure metrics of
 `ropo_ray.eval.metrics`, hyperspherical energy per adapted layer (ROPO_SPEC section 4), and the report
 (`report.json` + a self-contained `report.html`). The diagnostics are those with which arXiv 2508.17637
 (section 1) describes DPO's reward hacking: longer answers, lost diversity, forgotten knowledge, and
@@ -25,7 +26,7 @@ from ropo_ray.data.task import probe_correct, verify
 from ropo_ray.data.tokenize import encode_completion, encode_prompt
 from ropo_ray.eval import metrics as M
 from ropo_ray.eval.energy import hyperspherical_energy
-from ropo_ray.eval.sampling import generate, sample_requests
+from ropo_ray.eval.sampling import SamplingEngines, generate, sample_requests
 from ropo_ray.storage import Store, store
 
 Log = Callable[[str], None]
@@ -123,12 +124,13 @@ def layer_energies(reference_dir: Path, merged_dir: Path, cfg: Config, reference
     return M.energy_change({n[:-strip]: reference[n] for n in policy}, {n[:-strip]: e for n, e in policy.items()})
 
 
-def sample_model(model_dir: Path, prompt_ids: list[list[int]], probe_ids: list[list[int]], cfg: Config
-                 ) -> dict[str, Any]:
-    """vLLM samples of `model_dir`: n per held-out prompt, and one greedy answer per probe."""
+def sample_model(model_dir: Path, prompt_ids: list[list[int]], probe_ids: list[list[int]], cfg: Config,
+                 engines: SamplingEngines | None = None) -> dict[str, Any]:
+    """vLLM samples of `model_dir`: n per held-out prompt, and one greedy answer per probe; on `engines`
+    (shared by the models of one evaluation), or on engines started for this call."""
     rows = sample_requests(prompt_ids, cfg.eval, "sample", cfg.eval.samples_per_prompt)
     rows += sample_requests(probe_ids, cfg.eval, "probe", 1, greedy=True)
-    out = generate(str(model_dir), rows, cfg.eval)
+    out = generate(str(model_dir), rows, cfg.eval, engines)
     return {"samples": [r for r in out if r["kind"] == "sample"], "probes": [r for r in out if r["kind"] == "probe"]}
 
 
@@ -284,12 +286,15 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
     eos = tokenizer.eos_token_id
 
     sampled = {}
-    for name, folder in [("reference", reference_dir), *((n, r["merged"]) for n, r in zip(names, runs))]:
-        log(f"evaluate: sampling {name} with vLLM ({len(prompts)} prompts x {cfg.eval.samples_per_prompt}, "
-            f"{len(probes)} probes greedy)")
-        sampled[name] = sample_model(folder, prompt_ids, probe_ids, cfg)
-        timing[f"sample {name}"] = time.perf_counter() - clock
-        clock = time.perf_counter()
+    with SamplingEngines(cfg.eval) as engines:
+        for name, folder in [("reference", reference_dir), *((n, r["merged"]) for n, r in zip(names, runs))]:
+            log(f"evaluate: sampling {name} with vLLM ({len(prompts)} prompts x {cfg.eval.samples_per_prompt}, "
+                f"{len(probes)} probes greedy)")
+            sampled[name] = sample_model(folder, prompt_ids, probe_ids, cfg, engines)
+            timing[f"sample {name}"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+        log(f"evaluate: {len(sampled)} models sampled with {engines.starts} engine start(s) and "
+            f"{engines.reloads} weight reload(s)")
     base = {name: sample_metrics(s["samples"], prompts, eos) for name, s in sampled.items()}
     write_samples(sampled, out_dir.child("samples.jsonl"))
 

@@ -1,26 +1,45 @@
-"""Sampling a model folder with vLLM through Ray Data (`ray.data.llm`), one request per sample.
+"""Sampling model folders with vLLM engines held by Ray actors, one request per sample.
 
 Every request carries its own seed, derived from (eval seed, prompt index, sample index): a single seed
 on every request makes all prompts' samples identical draws (STACK.md pitfall 4), and an engine-level
 seed with n > 1 would tie a sample to its position in the engine's batch. The derived seed also makes
 policy and reference draw with the same random numbers per (prompt, sample): common random numbers,
-which lower the variance of their paired comparisons.
+which lower the variance of their paired comparisons. Because a sample depends only on its seed, how
+the requests are split across engines does not change it.
+
+An evaluation samples the reference and every run, models of one architecture (the runs are the
+reference's base with trained weights merged in). `SamplingEngines` therefore starts its engines once
+and, for each further model, reloads the weights into them in place (vLLM's `reload_weights`) and
+empties their prefix cache, whose blocks hold the previous model's keys and values: on 2 CPUs a
+start costs 15-30 s, a reload of the demo model well under a second. A model whose configuration,
+generation settings or tokenizer differ from the loaded one gets fresh engines, as does every model
+when `eval.share_engines` is false.
 
 Prompts arrive already tokenised by `ropo_ray.data.tokenize.encode_prompt` (the one construction of a
-sequence used in training), so the engine's own tokenizer and chat-template stages are off. On CPU the
-engine's placement group asks for CPUs only (by default it asks for a GPU and waits forever) and its
-metrics export is off (it needs `ray[serve]`): STACK.md item 9. CPU engines run the model eagerly
-(`eval.enforce_eager`: vLLM's torch.compile only lengthens their start here). On GPU clusters the same
-processor takes GPU bundles from `eval.use_gpu` / `eval.tensor_parallel_size` and compiles the model.
+sequence used in training). CPU engines run the model eagerly (`eval.enforce_eager`: vLLM's
+torch.compile only lengthens their start here), with `eval.cpus_per_engine` OpenMP threads; on GPU
+clusters each engine's actor takes `eval.tensor_parallel_size` GPUs and vLLM compiles the model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ropo_ray.config.schema import EvalConfig
+
+# Files of a model folder that the engine reads besides the weights; a model that differs from the loaded
+# one in any of them gets fresh engines instead of a weight reload. Keys saying where a folder came from or
+# how it was loaded are left out (transformers writes `is_local` and `local_files_only` into the
+# tokenizer_config.json of a tokenizer it loaded from a folder and saved again); the engine's dtype is
+# `eval.dtype`, whatever the checkpoint's.
+ENGINE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "chat_template.jinja")
+PROVENANCE_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
+                             "is_local", "local_files_only"})
 
 
 def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -31,7 +50,7 @@ def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 def sample_requests(prompts: Sequence[Sequence[int]], cfg: EvalConfig, kind: str, samples: int,
                     greedy: bool = False) -> list[dict[str, Any]]:
-    """Rows of the sampling dataset: `samples` requests per prompt, each with its own seed."""
+    """Requests: `samples` per prompt, each with its own seed."""
     rows = []
     for i, prompt in enumerate(prompts):
         for j in range(samples):
@@ -40,54 +59,150 @@ def sample_requests(prompts: Sequence[Sequence[int]], cfg: EvalConfig, kind: str
     return rows
 
 
-def _sampling_params(row: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
-    """Every key on every row: Ray Data unifies a column's struct type, so a key missing from some rows
-    would reach vLLM as None."""
+def sampling_params(row: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    """vLLM SamplingParams keyword arguments of one request."""
     if row["greedy"]:
         return {"temperature": 0.0, "top_p": 1.0, "max_tokens": cfg.probe_max_tokens, "seed": int(row["seed"])}
     return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
             "seed": int(row["seed"])}
 
 
-def engine_settings(cfg: EvalConfig, model_dir: str) -> dict[str, Any]:
-    """vLLMEngineProcessorConfig keyword arguments for this machine (CPU) or a GPU cluster."""
-    tp = cfg.tensor_parallel_size
-    bundle = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": cfg.cpus_per_engine}
-    settings: dict[str, Any] = {
-        "model_source": model_dir,
-        "engine_kwargs": {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "tensor_parallel_size": tp,
-                          "seed": cfg.seed, "enable_prefix_caching": True,
-                          "enforce_eager": (not cfg.use_gpu) if cfg.enforce_eager is None else cfg.enforce_eager},
-        "batch_size": cfg.batch_size,
-        "concurrency": cfg.num_engines,
-        "placement_group_config": {"bundles": [bundle] * (tp if cfg.use_gpu else 1)},
-        "log_engine_metrics": False,
-        "chat_template_stage": False,
-        "tokenize_stage": False,
-        "detokenize_stage": False,
-    }
-    if not cfg.use_gpu:
-        settings["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
-                                                "OMP_NUM_THREADS": str(cfg.cpus_per_engine)}}
-    return settings
+def engine_settings(cfg: EvalConfig) -> dict[str, Any]:
+    """The engine's `vllm.LLM` keyword arguments (`engine_kwargs`, the model aside) and its Ray actor's
+    options (`actor_options`), for this machine (CPU) or a GPU cluster."""
+    engine_kwargs = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+                     "tensor_parallel_size": cfg.tensor_parallel_size, "seed": cfg.seed,
+                     "enable_prefix_caching": True, "disable_log_stats": True,
+                     "enforce_eager": (not cfg.use_gpu) if cfg.enforce_eager is None else cfg.enforce_eager}
+    if cfg.use_gpu:
+        actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}
+    else:
+        actor_options = {"num_cpus": cfg.cpus_per_engine,
+                         "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
+                                                      "OMP_NUM_THREADS": str(cfg.cpus_per_engine)}}}
+    return {"engine_kwargs": engine_kwargs, "actor_options": actor_options}
 
 
-def generate(model_dir: str, rows: list[dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:
-    """Run `rows` through one vLLM engine (pool) on `model_dir`; return the rows with `tokens`
-    (generated ids, EOS included when the model stopped) and `text`, in input order."""
-    import ray.data
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def engine_key(model_dir: str | Path) -> str:
+    """What an engine holds besides the weights: the folder's configuration, generation settings and
+    tokenizer files (provenance keys aside). Two folders with the same key can share an engine."""
+    folder, digest = Path(model_dir), hashlib.sha256()
+    for name in ENGINE_FILES:
+        path = folder / name
+        if not path.is_file():
+            digest.update(f"{name}: absent\n".encode())
+            continue
+        data = path.read_bytes()
+        if name.endswith(".json") and name != "tokenizer.json":
+            content = {k: v for k, v in json.loads(data).items() if k not in PROVENANCE_KEYS}
+            data = json.dumps(content, sort_keys=True).encode()
+        digest.update(f"{name}: ".encode() + hashlib.sha256(data).digest() + b"\n")
+    return digest.hexdigest()
 
-    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {**row, "sampling_params": _sampling_params(row, cfg)}
 
-    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+class VLLMSampler:
+    """A Ray actor holding one vLLM engine: `load` a model folder (a start, or a reload of its weights),
+    then `generate` requests on it."""
+
+    def __init__(self, model_dir: str, engine_kwargs: dict[str, Any]) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(model=model_dir, **engine_kwargs)
+        self.model_dir = model_dir
+
+    def load(self, model_dir: str) -> None:
+        """Put `model_dir`'s weights in place of the loaded ones; the prefix cache's blocks were computed
+        with the old weights, so they go too."""
+        if model_dir == self.model_dir:
+            return
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"vLLM could not empty its prefix cache after loading {model_dir}")
+        self.model_dir = model_dir
+
+    def generate(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`rows` with `tokens` (generated ids, EOS included when the model stopped) and `text`."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(r["tokenized_prompt"])) for r in rows]
+        outputs = self.llm.generate(prompts, [SamplingParams(**p) for p in params], use_tqdm=False)
         keep = ("kind", "prompt_index", "sample_index", "seed", "greedy")
-        return {**{k: row[k] for k in keep}, "tokens": [int(t) for t in row["generated_tokens"]],
-                "text": row["generated_text"]}
+        return [{**{k: r[k] for k in keep}, "tokens": [int(t) for t in o.outputs[0].token_ids],
+                 "text": o.outputs[0].text} for r, o in zip(rows, outputs, strict=True)]
 
-    processor = build_processor(vLLMEngineProcessorConfig(**engine_settings(cfg, model_dir)),
-                                preprocess=preprocess, postprocess=postprocess)
-    out = processor(ray.data.from_items(rows)).take_all()
-    out.sort(key=lambda r: (r["kind"], r["prompt_index"], r["sample_index"]))
-    return out
+    def close(self) -> None:
+        """Stop the engine's core process before the actor goes."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+class SamplingEngines:
+    """`eval.num_engines` vLLM engines, started for the first model and reused, by reloading weights, for
+    every later model of the same engine key (see the module's docstring). Use as a context manager."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.cfg = cfg
+        self.settings = engine_settings(cfg)
+        self.actors: list[Any] = []
+        self.key: str | None = None
+        self.starts = 0
+        self.reloads = 0
+
+    def __enter__(self) -> SamplingEngines:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.close.remote())
+            except ray.exceptions.RayError:  # the actor or its engine already died: nothing to stop
+                pass
+            ray.kill(actor)
+        self.actors, self.key = [], None
+
+    def _load(self, model_dir: str) -> None:
+        import ray
+
+        key = engine_key(model_dir)
+        if self.actors and self.cfg.share_engines and key == self.key:
+            ray.get([a.load.remote(model_dir) for a in self.actors])
+            self.reloads += 1
+            return
+        self.close()
+        cls = ray.remote(VLLMSampler).options(**self.settings["actor_options"])
+        self.actors = [cls.remote(model_dir, self.settings["engine_kwargs"]) for _ in range(self.cfg.num_engines)]
+        ray.get([a.__ray_ready__.remote() for a in self.actors])
+        self.key = key
+        self.starts += 1
+
+    def generate(self, model_dir: str | Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Sample `rows` from `model_dir`: the engines take every `num_engines`-th request each (in calls
+        of at most `eval.batch_size`), and the rows come back in input order with `tokens` and `text`."""
+        import ray
+
+        self._load(str(model_dir))
+        params = [sampling_params(r, self.cfg) for r in rows]
+        order = list(range(len(rows)))
+        shards = [order[i::len(self.actors)] for i in range(len(self.actors))]
+        step = self.cfg.batch_size
+        calls = [(a, s[k:k + step]) for a, s in zip(self.actors, shards, strict=True) for k in range(0, len(s), step)]
+        futures = [a.generate.remote([rows[i] for i in idx], [params[i] for i in idx]) for a, idx in calls]
+        out: list[dict[str, Any] | None] = [None] * len(rows)
+        for (_, idx), results in zip(calls, ray.get(futures), strict=True):
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+
+def generate(model_dir: str | Path, rows: list[dict[str, Any]], cfg: EvalConfig,
+             engines: SamplingEngines | None = None) -> list[dict[str, Any]]:
+    """Sample `rows` from `model_dir` on `engines`, or on engines started for this call alone."""
+    if engines is not None:
+        return engines.generate(model_dir, rows)
+    with SamplingEngines(cfg) as own:
+        return own.generate(model_dir, rows)

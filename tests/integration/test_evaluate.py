@@ -1,4 +1,4 @@
-"""`evaluate` end to end: vLLM (through Ray Data) samples a small demo model and three exports of it,
+"""`evaluate` end to end: one vLLM engine samples a small demo model and three exports of it,
 the report validates against its schema and renders in headless Chromium with no console error.
 
 The exports are built so the right answers are known without the evaluation's own code:
@@ -67,10 +67,12 @@ def evaluated(ray_local, tmp_path_factory):
                 p.add_(0.05 * torch.randn_like(p))
     exports = [_export(identity, tokenizer, cfg, root / "identity"), _export(rotated, tokenizer, cfg, root / "rotated"),
                _export(full, tokenizer, full_cfg, root / "full")]
-    result = evaluate(cfg, demo, demo, exports, root / "data", root / "report", log=lambda s: None)
+    logs: list[str] = []
+    result = evaluate(cfg, demo, demo, exports, root / "data", root / "report", log=logs.append)
     samples = [json.loads(line) for line in (root / "report" / "samples.jsonl").read_text().splitlines()]
     return {"root": root, "demo": demo, "report": result["report"], "paths": result["paths"], "samples": samples,
-            "cfg": cfg, "tokenizer": tokenizer, "rotated": root / "rotated" / "merged", "exports": exports}
+            "cfg": cfg, "tokenizer": tokenizer, "rotated": root / "rotated" / "merged", "exports": exports,
+            "logs": logs}
 
 
 def _run(report: dict, name: str) -> dict:
@@ -90,6 +92,13 @@ def test_report_validates_against_its_schema(evaluated):
     jsonschema.validate(on_disk, schema)
     assert [r["name"] for r in on_disk["runs"]] == ["ropo-dpo", "ropo-dpo-2", "full-dpo"]
     assert on_disk["settings"]["num_prompts"] == 6 and on_disk["reference"]["metrics"]["samples"] == 18
+
+
+def test_one_engine_samples_the_reference_and_every_export(evaluated):
+    """The exports' merged folders share the reference's engine: one start, a weight reload per export
+    (that a reload samples what a fresh engine would: test_sampling_engines.py)."""
+    line = next(s for s in evaluated["logs"] if "models sampled" in s)
+    assert line == "evaluate: 4 models sampled with 1 engine start(s) and 3 weight reload(s)"
 
 
 def test_samples_differ_across_prompts_and_within_a_prompt(evaluated):

@@ -71,13 +71,13 @@ def parent_pid(pid: int) -> int:
 
 
 def vllm_processes() -> list[int]:
-    """PIDs of live processes of a vLLM engine (the Ray Data actor holding it, or the engine's core) of
+    """PIDs of live processes of a vLLM engine (the Ray actor holding it, or the engine's core) of
     this test's Ray: descendants of this process, which started its raylet (other sessions on the
     machine may sample with vLLM too)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if not (entry.name.isdigit() and re.search(rb"vLLM|EngineCore", (entry / "cmdline").read_bytes())):
+            if not (entry.name.isdigit() and re.search(rb"vLLM|VLLM|EngineCore", (entry / "cmdline").read_bytes())):
                 continue
             ancestor = int(entry.name)
             while ancestor > 1 and ancestor != os.getpid():
