@@ -38,6 +38,7 @@ from ropo_ray.config.schema import EvalConfig
 # `eval.dtype`, whatever the checkpoint's.
 ENGINE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
+CLOSE_TIMEOUT_S = 120.0  # an engine's own shutdown; an actor still busy after it is killed
 PROVENANCE_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
                              "is_local", "local_files_only"})
 
@@ -159,8 +160,8 @@ class SamplingEngines:
 
         for actor in self.actors:
             try:
-                ray.get(actor.close.remote())
-            except ray.exceptions.RayError:  # the actor or its engine already died: nothing to stop
+                ray.get(actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
+            except ray.exceptions.RayError:  # died already, or hangs (GetTimeoutError): killed below either way
                 pass
             ray.kill(actor)
         self.actors, self.key = [], None
