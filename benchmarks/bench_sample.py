@@ -19,10 +19,12 @@ Requests: the task's held-out prompts, chat-templated as `ropo_ray.data.tokenize
 
 Each side runs in its own process. The settings each engine has that change its speed but not its samples are
 chosen in the same run by a calibration pass (one run of each candidate, the fastest kept; all recorded): HF's batch
-size (32 / 64 / 128) and vLLM's CPU cores reserved off its OpenMP compute threads (vLLM reserves one of the two
-cores for its scheduler process by default). Then --repeats repeats, sides rotated per repeat. Only the generate
-calls are timed (--calls of them per process, after one untimed warm-up call); vLLM's engine start-up is reported
-apart. tokens/s = generated tokens (up to and including EOS, never padding) / wall time of the timed calls.
+size (32 / 64 / 128), and for vLLM where its engine core runs and the CPU cores it reserves off its OpenMP compute
+threads: a process of its own with one core reserved for its front end (vLLM's default) or none, or inside the
+front end's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as the product's CPU engines run). Then --repeats repeats,
+sides rotated per repeat. Only the generate calls are timed (--calls of them per process, after one untimed warm-up
+call); vLLM's engine start-up is reported apart. tokens/s = generated tokens (up to and including EOS, never
+padding) / wall time of the timed calls.
 Decode compute-bound utilisation = tokens/s x 2 x parameters / matmul ceiling measured in the same run. Each side
 also times --calls prefill-only calls (the same requests and seeds, one token each), which splits a call in two:
 the decode phase (its tokens after each request's first, in the rest of its time), measured against the same bound,
@@ -241,6 +243,7 @@ def side_vllm(args: argparse.Namespace, dtype: str) -> dict:
     """vLLM's offline engine: one generate() over every request, each with its own seed; only generate() timed."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.vllm_reserved_cpus)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if args.vllm_inprocess else "1"
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -280,6 +283,7 @@ def side_vllm(args: argparse.Namespace, dtype: str) -> dict:
                              windows=prefill),
             "contention": merge_contention(windows), "engine_startup_seconds": startup, "warmup_call_seconds": warmup,
             "eos_counted_in_tokens": all(eos_kept), "reserved_cpus": args.vllm_reserved_cpus,
+            "engine_core_in_process": bool(args.vllm_inprocess),
             "enforce_eager": bool(args.vllm_eager), "kv_cache_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
 
 
@@ -428,7 +432,7 @@ def calibrate(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict
     """One run of each speed-only setting per side; returns (the fastest setting per side, every run)."""
     samples = args.prompts * args.samples_per_prompt
     candidates = {"hf": [{"hf_batch": b} for b in (32, 64, 128) if b <= samples] or [{"hf_batch": samples}],
-                  "vllm": [{"vllm_reserved_cpus": r} for r in (1, 0)]}
+                  "vllm": [{"vllm_reserved_cpus": r, "vllm_inprocess": i} for r, i in ((1, 0), (0, 0), (0, 1))]}
     chosen, runs = {}, {}
     for side in args.sides:
         options = candidates[side.split("_")[0]]
@@ -558,7 +562,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sft-steps", type=int, default=160, help="SFT steps of 32 rows when the model is built")
     benchlib.add_quiet_arguments(p, max_other_cores=0.3)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/sample.json"))
-    for hidden in ("side", "work", "result", "hf-batch", "vllm-reserved-cpus", "eos-token-id", "pad-token-id"):
+    for hidden in ("side", "work", "result", "hf-batch", "vllm-reserved-cpus", "vllm-inprocess", "eos-token-id",
+                   "pad-token-id"):
         p.add_argument(f"--{hidden}", help=argparse.SUPPRESS,
                        type={"work": Path, "result": Path, "side": str}.get(hidden, int))
     args = p.parse_args()

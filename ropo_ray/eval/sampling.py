@@ -17,7 +17,8 @@ when `eval.share_engines` is false.
 
 Prompts arrive already tokenised by `ropo_ray.data.tokenize.encode_prompt` (the one construction of a
 sequence used in training). CPU engines run the model eagerly (`eval.enforce_eager`: vLLM's
-torch.compile only lengthens their start here), with `eval.cpus_per_engine` OpenMP threads; on GPU
+torch.compile only lengthens their start here), with `eval.cpus_per_engine` OpenMP threads and the engine
+core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0); on GPU
 clusters each engine's actor takes `eval.tensor_parallel_size` GPUs and vLLM compiles the model.
 """
 
@@ -78,9 +79,12 @@ def engine_settings(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.use_gpu:
         actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": cfg.tensor_parallel_size}
     else:
+        # The engine core in the actor's own process: as a process of its own it shares the actor's CPUs with
+        # the actor, which hands it requests and takes its outputs every step (BENCHMARKS.md, session 23).
         actor_options = {"num_cpus": cfg.cpus_per_engine,
                          "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib),
-                                                      "OMP_NUM_THREADS": str(cfg.cpus_per_engine)}}}
+                                                      "OMP_NUM_THREADS": str(cfg.cpus_per_engine),
+                                                      "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}}
     return {"engine_kwargs": engine_kwargs, "actor_options": actor_options}
 
 
@@ -133,7 +137,7 @@ class VLLMSampler:
                  "text": o.outputs[0].text} for r, o in zip(rows, outputs, strict=True)]
 
     def close(self) -> None:
-        """Stop the engine's core process before the actor goes."""
+        """Stop the engine's core (its process, when it has one) before the actor goes."""
         self.llm.llm_engine.engine_core.shutdown()
 
 

@@ -16,7 +16,7 @@ def test_cpu_engines_run_eagerly_on_their_cpus() -> None:
     assert settings["engine_kwargs"]["enforce_eager"] is True
     assert settings["engine_kwargs"]["enable_prefix_caching"] is True
     assert settings["actor_options"] == {"num_cpus": 2, "runtime_env": {"env_vars": {
-        "VLLM_CPU_KVCACHE_SPACE": "3", "OMP_NUM_THREADS": "2"}}}
+        "VLLM_CPU_KVCACHE_SPACE": "3", "OMP_NUM_THREADS": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}}
 
 
 def test_gpu_engines_compile_and_take_a_gpu_per_tensor_parallel_rank() -> None:
