@@ -71,7 +71,8 @@ class EvalConfig:
     share_engines: bool = True
     """Start the engines once per evaluation and load each further model (the runs share the reference's
     architecture) by reloading the weights in place; false: fresh engines for every model. On 2 CPUs an
-    engine start takes 15-30 s (benchmarks/BENCHMARKS.md, "One engine for the whole evaluation")."""
+    engine start takes about 10 s, a reload of the demo model under a second (benchmarks/BENCHMARKS.md,
+    "One engine for the whole evaluation")."""
     cpus_per_engine: int = 1
     """CPUs reserved by each vLLM engine on CPU machines."""
     enforce_eager: bool | None = None

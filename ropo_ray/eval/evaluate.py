@@ -4,11 +4,10 @@ For the reference and every exported run (its merged HF folder): n samples per h
 engines on Ray actors, started once and given each model's weights in turn; a seed per request) and a
 greedy answer per knowledge probe; then, per run, one Ray Data scoring pass under policy and reference
 (KL on the policy's samples, held-out preference accuracy from the implicit reward, knowledge-probe NLL),
-an optional reward model, the pure metrics of
-`ropo_ray.eval.metrics`, hyperspherical energy per adapted layer (ROPO_SPEC section 4), and the report
-(`report.json` + a self-contained `report.html`). The diagnostics are those with which arXiv 2508.17637
-(section 1) describes DPO's reward hacking: longer answers, lost diversity, forgotten knowledge, and
-"neuron collapse" (a rise of hyperspherical energy).
+an optional reward model, the pure metrics of `ropo_ray.eval.metrics`, hyperspherical energy per adapted
+layer (ROPO_SPEC section 4), and the report (`report.json` + a self-contained `report.html`). The
+diagnostics are those with which arXiv 2508.17637 (section 1) describes DPO's reward hacking: longer
+answers, lost diversity, forgotten knowledge, and "neuron collapse" (a rise of hyperspherical energy).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from ropo_ray.data.task import probe_correct, verify
 from ropo_ray.data.tokenize import encode_completion, encode_prompt
 from ropo_ray.eval import metrics as M
 from ropo_ray.eval.energy import hyperspherical_energy
-from ropo_ray.eval.sampling import SamplingEngines, generate, sample_requests
+from ropo_ray.eval.sampling import SamplingEngines, sample_requests
 from ropo_ray.storage import Store, store
 
 Log = Callable[[str], None]
@@ -125,12 +124,12 @@ def layer_energies(reference_dir: Path, merged_dir: Path, cfg: Config, reference
 
 
 def sample_model(model_dir: Path, prompt_ids: list[list[int]], probe_ids: list[list[int]], cfg: Config,
-                 engines: SamplingEngines | None = None) -> dict[str, Any]:
-    """vLLM samples of `model_dir`: n per held-out prompt, and one greedy answer per probe; on `engines`
-    (shared by the models of one evaluation), or on engines started for this call."""
+                 engines: SamplingEngines) -> dict[str, Any]:
+    """vLLM samples of `model_dir` on `engines` (shared by the models of one evaluation): n per held-out
+    prompt, and one greedy answer per probe."""
     rows = sample_requests(prompt_ids, cfg.eval, "sample", cfg.eval.samples_per_prompt)
     rows += sample_requests(probe_ids, cfg.eval, "probe", 1, greedy=True)
-    out = generate(str(model_dir), rows, cfg.eval, engines)
+    out = engines.generate(model_dir, rows)
     return {"samples": [r for r in out if r["kind"] == "sample"], "probes": [r for r in out if r["kind"] == "probe"]}
 
 

@@ -11,7 +11,8 @@ An evaluation samples the reference and every run, models of one architecture (t
 reference's base with trained weights merged in). `SamplingEngines` therefore starts its engines once
 and, for each further model, reloads the weights into them in place (vLLM's `reload_weights`) and
 empties their prefix cache, whose blocks hold the previous model's keys and values: on 2 CPUs a
-start costs 15-30 s, a reload of the demo model well under a second. A model whose configuration,
+start costs about 10 s (24-27 s with the engine core in a process of its own), a reload of the demo model
+well under a second (BENCHMARKS.md, session 23). A model whose configuration,
 generation settings or tokenizer differ from the loaded one gets fresh engines, as does every model
 when `eval.share_engines` is false.
 
@@ -39,9 +40,9 @@ from ropo_ray.config.schema import EvalConfig
 # `eval.dtype`, whatever the checkpoint's.
 ENGINE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
-CLOSE_TIMEOUT_S = 120.0  # an engine's own shutdown; an actor still busy after it is killed
 PROVENANCE_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype",
                              "is_local", "local_files_only"})
+CLOSE_TIMEOUT_S = 120.0  # an engine's own shutdown; an actor still busy after it is killed
 
 
 def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -106,24 +107,20 @@ def engine_key(model_dir: str | Path) -> str:
 
 
 class VLLMSampler:
-    """A Ray actor holding one vLLM engine: `load` a model folder (a start, or a reload of its weights),
-    then `generate` requests on it."""
+    """A Ray actor holding one vLLM engine, started on a model folder: `load` another folder's weights
+    into it, `generate` requests on it."""
 
     def __init__(self, model_dir: str, engine_kwargs: dict[str, Any]) -> None:
         from vllm import LLM
 
         self.llm = LLM(model=model_dir, **engine_kwargs)
-        self.model_dir = model_dir
 
     def load(self, model_dir: str) -> None:
         """Put `model_dir`'s weights in place of the loaded ones; the prefix cache's blocks were computed
         with the old weights, so they go too."""
-        if model_dir == self.model_dir:
-            return
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"vLLM could not empty its prefix cache after loading {model_dir}")
-        self.model_dir = model_dir
 
     def generate(self, rows: list[dict[str, Any]], params: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`rows` with `tokens` (generated ids, EOS included when the model stopped) and `text`."""
@@ -149,7 +146,8 @@ class SamplingEngines:
         self.cfg = cfg
         self.settings = engine_settings(cfg)
         self.actors: list[Any] = []
-        self.key: str | None = None
+        self.key: str | None = None  # engine_key of the model the engines hold
+        self.model_dir: str | None = None  # the folder whose weights they hold
         self.starts = 0
         self.reloads = 0
 
@@ -168,22 +166,25 @@ class SamplingEngines:
             except ray.exceptions.RayError:  # died already, or hangs (GetTimeoutError): killed below either way
                 pass
             ray.kill(actor)
-        self.actors, self.key = [], None
+        self.actors, self.key, self.model_dir = [], None, None
 
     def _load(self, model_dir: str) -> None:
         import ray
 
         key = engine_key(model_dir)
         if self.actors and self.cfg.share_engines and key == self.key:
-            ray.get([a.load.remote(model_dir) for a in self.actors])
-            self.reloads += 1
-            return
-        self.close()
-        cls = ray.remote(VLLMSampler).options(**self.settings["actor_options"])
-        self.actors = [cls.remote(model_dir, self.settings["engine_kwargs"]) for _ in range(self.cfg.num_engines)]
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
-        self.key = key
-        self.starts += 1
+            if model_dir != self.model_dir:
+                ray.get([a.load.remote(model_dir) for a in self.actors])
+                self.reloads += 1
+        else:
+            self.close()
+            cls = ray.remote(VLLMSampler).options(**self.settings["actor_options"])
+            self.actors = [cls.remote(model_dir, self.settings["engine_kwargs"])
+                           for _ in range(self.cfg.num_engines)]
+            ray.get([a.__ray_ready__.remote() for a in self.actors])
+            self.key = key
+            self.starts += 1
+        self.model_dir = model_dir
 
     def generate(self, model_dir: str | Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Sample `rows` from `model_dir`: the engines take every `num_engines`-th request each (in calls
@@ -202,12 +203,3 @@ class SamplingEngines:
             for i, r in zip(idx, results, strict=True):
                 out[i] = r
         return out  # type: ignore[return-value]
-
-
-def generate(model_dir: str | Path, rows: list[dict[str, Any]], cfg: EvalConfig,
-             engines: SamplingEngines | None = None) -> list[dict[str, Any]]:
-    """Sample `rows` from `model_dir` on `engines`, or on engines started for this call alone."""
-    if engines is not None:
-        return engines.generate(model_dir, rows)
-    with SamplingEngines(cfg) as own:
-        return own.generate(model_dir, rows)
