@@ -8,7 +8,8 @@ timed whole per side: engine start(s), sampling, shutdown.
 Sides (eval settings over the demo config's):
 - shared: the default, `eval.share_engines=true`: one engine start, then a weight reload per further model;
 - per_model: `eval.share_engines=false`: a fresh engine for every model (what evaluation did before);
-- compiled: per_model with `eval.enforce_eager=false` (vLLM's torch.compile of the model; session 12).
+- compiled: per_model with `eval.enforce_eager=false` (vLLM's torch.compile of the model; session 12);
+- shared_compiled: shared with `eval.enforce_eager=false`: one compiled engine, its weights reloaded per model.
 
 The models are the embedded default's model (built in benchmarks/artifacts when missing) and `--models - 1`
 copies of it with noise added to every matrix but the embedding, as the runs of a demo evaluation are the
@@ -38,7 +39,8 @@ from ropo_ray.train.model_io import load_tokenizer
 
 DEMO = Path(__file__).resolve().parent.parent / "pipelines" / "configs" / "demo.yaml"
 SIDES = {"shared": ["eval.share_engines=true"], "per_model": ["eval.share_engines=false"],
-         "compiled": ["eval.share_engines=false", "eval.enforce_eager=false"]}
+         "compiled": ["eval.share_engines=false", "eval.enforce_eager=false"],
+         "shared_compiled": ["eval.share_engines=true", "eval.enforce_eager=false"]}
 
 
 def noisy_copies(model_dir: Path, out: Path, count: int) -> list[Path]:

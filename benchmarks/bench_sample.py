@@ -21,7 +21,10 @@ Each side runs in its own process. The settings each engine has that change its 
 chosen in the same run by a calibration pass (one run of each candidate, the fastest kept; all recorded): HF's batch
 size (32 / 64 / 128), and for vLLM where its engine core runs and the CPU cores it reserves off its OpenMP compute
 threads: a process of its own with one core reserved for its front end (vLLM's default) or none, or inside the
-front end's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as the product's CPU engines run). Then --repeats repeats,
+front end's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as the product's CPU engines run); and whether the model runs
+eagerly (enforce_eager, the product's CPU default) or compiled by vLLM (torch.compile with inductor,
+`eval.enforce_eager: false`; its fused kernels round differently, so its samples can differ from eager ones in the
+last bits of a logit). --vllm-eager 0/1 keeps one of the two. Then --repeats repeats,
 sides rotated per repeat. Only the generate calls are timed (--calls of them per process, after one untimed warm-up
 call); vLLM's engine start-up is reported apart. tokens/s = generated tokens (up to and including EOS, never
 padding) / wall time of the timed calls.
@@ -432,7 +435,9 @@ def calibrate(args: argparse.Namespace) -> tuple[dict[str, dict], dict[str, dict
     """One run of each speed-only setting per side; returns (the fastest setting per side, every run)."""
     samples = args.prompts * args.samples_per_prompt
     candidates = {"hf": [{"hf_batch": b} for b in (32, 64, 128) if b <= samples] or [{"hf_batch": samples}],
-                  "vllm": [{"vllm_reserved_cpus": r, "vllm_inprocess": i} for r, i in ((1, 0), (0, 0), (0, 1))]}
+                  "vllm": [{"vllm_reserved_cpus": r, "vllm_inprocess": i, "vllm_eager": e}
+                           for r, i, e in ((1, 0, 1), (0, 0, 1), (0, 1, 1), (0, 0, 0), (0, 1, 0))
+                           if args.vllm_eager is None or e == args.vllm_eager]}
     chosen, runs = {}, {}
     for side in args.sides:
         options = candidates[side.split("_")[0]]
@@ -526,7 +531,7 @@ def drive(args: argparse.Namespace) -> dict:
                      "dtypes": args.dtypes,
                      "temperature": 1.0, "top_p": 1.0, "top_k": "off", "stop": "EOS", "seed": args.seed,
                      "timed_calls_per_process": args.calls, "repeats": args.repeats, "quick": args.quick,
-                     "vllm": {"enforce_eager": bool(args.vllm_eager), "VLLM_CPU_KVCACHE_SPACE": 2},
+                     "vllm": {"VLLM_CPU_KVCACHE_SPACE": 2, "max_model_len": 256},
                      "chosen_by_calibration": chosen},
         "ceilings_flops": ceilings, **summarise(runs, ceilings, setup["parameters"]),
         "calibration": {s: [{k: v for k, v in r.items() if k != "example_texts"} for r in c]
@@ -554,7 +559,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=3, help="timed generate calls per side process (new seeds each)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the HF sides and the ceilings")
-    p.add_argument("--vllm-eager", type=int, default=1, help="1: enforce_eager (no torch.compile of the model)")
+    p.add_argument("--vllm-eager", type=int, choices=(0, 1), default=None,
+                   help="1: enforce_eager only, 0: vLLM's torch.compile only; default: calibrate both")
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/bench-sample-model"), help="cached model, not git")
     p.add_argument("--hidden", type=int, default=640)
     p.add_argument("--layers", type=int, default=10)

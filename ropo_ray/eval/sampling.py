@@ -17,10 +17,11 @@ generation settings or tokenizer differ from the loaded one gets fresh engines, 
 when `eval.share_engines` is false.
 
 Prompts arrive already tokenised by `ropo_ray.data.tokenize.encode_prompt` (the one construction of a
-sequence used in training). CPU engines run the model eagerly (`eval.enforce_eager`: vLLM's
-torch.compile only lengthens their start here), with `eval.cpus_per_engine` OpenMP threads and the engine
-core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0); on GPU
-clusters each engine's actor takes `eval.tensor_parallel_size` GPUs and vLLM compiles the model.
+sequence used in training). CPU engines run the model eagerly unless `eval.enforce_eager` is false (vLLM's
+torch.compile doubles their start and pays only when sampling takes minutes), with `eval.cpus_per_engine`
+OpenMP threads and the engine core inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0); on GPU
+clusters each engine's actor takes `eval.tensor_parallel_size` GPUs and vLLM compiles the model. A weight
+reload reaches compiled graphs too: they read the parameters, not copies of them.
 """
 
 from __future__ import annotations

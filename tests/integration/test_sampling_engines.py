@@ -2,9 +2,9 @@
 exactly what a freshly started engine on that model samples (same per-request seeds), token for token.
 
 Two models of one architecture: the small demo model (A) and a copy with noise added to every matrix
-but the embedding (B). A fresh engine per model gives the expected samples; the shared engines then
-load A, B, A again. B's samples differ from A's (the check has something to catch), and a reload that
-kept A's weights, or kept A's keys and values in the prefix cache, would give A's samples or a mix.
+but the embedding (B). The shared engines load A, B, A again, and a fresh engine on B gives B's expected
+samples. B's samples differ from A's (the check has something to catch), and a reload that kept A's
+weights, or kept A's keys and values in the prefix cache, would give A's samples or a mix.
 """
 
 from __future__ import annotations
@@ -64,9 +64,14 @@ def test_models_differing_only_in_weights_share_an_engine_key(two_models) -> Non
     assert engine_key(first) == engine_key(second)
 
 
-def test_a_reloaded_engine_samples_what_a_fresh_engine_samples(ray_local, two_models) -> None:
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "compiled"])
+def test_a_reloaded_engine_samples_what_a_fresh_engine_samples(ray_local, two_models, eager) -> None:
+    """Shared engines load A, B, then A again; B's samples must be a fresh engine's on B, and A's the same both
+    times (the first load of A is itself a fresh start). Compiled engines (`eval.enforce_eager=false`, vLLM's
+    torch.compile) too: a compiled graph that had captured A's weights as constants would keep sampling A."""
     first, second, prompts = two_models
-    cfg = load_config(None, [f"eval.max_tokens={MAX_TOKENS}", f"eval.probe_max_tokens={MAX_TOKENS}"]).eval
+    overrides = [f"eval.max_tokens={MAX_TOKENS}", f"eval.probe_max_tokens={MAX_TOKENS}", f"eval.enforce_eager={eager}"]
+    cfg = load_config(None, overrides).eval
     rows = sample_requests(prompts, cfg, "sample", 3) + sample_requests(prompts[:4], cfg, "probe", 1, greedy=True)
     assert BLOCK < min(map(len, prompts)) and max(map(len, prompts)) + MAX_TOKENS <= cfg.max_model_len
 
@@ -75,20 +80,16 @@ def test_a_reloaded_engine_samples_what_a_fresh_engine_samples(ray_local, two_mo
             [(r["kind"], r["prompt_index"], r["sample_index"]) for r in rows]
         return [r["tokens"] for r in out]
 
-    fresh_cfg = load_config(None, [f"eval.max_tokens={MAX_TOKENS}", f"eval.probe_max_tokens={MAX_TOKENS}",
-                                   "eval.share_engines=false"]).eval
-    with SamplingEngines(fresh_cfg) as fresh:
-        expected_a = tokens(fresh.generate(first, rows))
-        expected_b = tokens(fresh.generate(second, rows))
-        assert (fresh.starts, fresh.reloads) == (2, 0)
-    differing = sum(a != b for a, b in zip(expected_a, expected_b))
-    assert differing >= len(rows) // 2, f"only {differing} of {len(rows)} samples differ between the models"
-
     with SamplingEngines(cfg) as shared:
         got_a = tokens(shared.generate(first, rows))
         got_b = tokens(shared.generate(second, rows))
         again_a = tokens(shared.generate(first, rows))
         assert (shared.starts, shared.reloads) == (1, 2)
-    assert got_a == expected_a
+        assert shared.settings["engine_kwargs"]["enforce_eager"] is eager
+    with SamplingEngines(load_config(None, [*overrides, "eval.share_engines=false"]).eval) as fresh:
+        expected_b = tokens(fresh.generate(second, rows))
+        assert (fresh.starts, fresh.reloads) == (1, 0)
+    differing = sum(a != b for a, b in zip(got_a, expected_b))
+    assert differing >= len(rows) // 2, f"only {differing} of {len(rows)} samples differ between the models"
     assert got_b == expected_b
-    assert again_a == expected_a
+    assert again_a == got_a
