@@ -309,12 +309,21 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
         timing["reward model"] = time.perf_counter() - clock
         clock = time.perf_counter()
 
+    rows = [{**row, "run": name} for name in names
+            for row in scoring_rows(sampled[name]["samples"], prompt_ids, probes, probe_ids, pairs, tokenizer)]
+    by_run: dict[str, list[dict]] = {name: [] for name in names}
+    if rows:
+        log(f"evaluate: scoring {len(runs)} run(s) under policy and reference in one pass (KL, preference "
+            "accuracy, knowledge NLL)")
+        for row in score_logps(rows, reference_dir, {n: r["merged"] for n, r in zip(names, runs)}, cfg.model,
+                               cfg.eval.score_batch_size):
+            by_run[row["run"]].append(row)
+    timing["score (every run)"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+
     report_runs, reference_nll, reference_energy = [], None, {}
     for name, run in zip(names, runs):
-        log(f"evaluate: scoring {name} under policy and reference (KL, preference accuracy, knowledge NLL)")
-        rows = scoring_rows(sampled[name]["samples"], prompt_ids, probes, probe_ids, pairs, tokenizer)
-        scored = scored_metrics(score_logps(rows, {"policy": run["merged"], "reference": reference_dir}, cfg.model,
-                                            cfg.eval.score_batch_size), probes)
+        scored = scored_metrics(by_run[name], probes)
         reference_nll = scored["reference_knowledge_nll"]
         energy = layer_energies(reference_dir, run["merged"], run["cfg"], reference_energy)
         extra = {"kl_to_reference": scored["kl"]["k1"], "kl_k3": scored["kl"]["k3"],
@@ -331,7 +340,7 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
             "metrics": _block(base[name], base["reference"], extra), "lengths": base[name]["lengths"],
             "examples": _examples(sampled[name]["samples"], prompts, rewards[name], cfg.eval.examples),
             "energy": energy, "training": run["training"]})
-        timing[f"score {name}"] = time.perf_counter() - clock
+        timing[f"energy and metrics {name}"] = time.perf_counter() - clock
         clock = time.perf_counter()
 
     ref_extra = {"knowledge_accuracy": knowledge_accuracy(sampled["reference"]["probes"], probes),

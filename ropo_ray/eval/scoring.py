@@ -1,8 +1,9 @@
 """Scoring samples through Ray Data actor pools: log-probs under policy and reference, and an optional
 reward model.
 
-Each actor loads its models once and scores batches of rows; Ray Data streams the rows through the pool
-and shows its progress bars on the driver. Log-probs are summed over the completion tokens given the
+One pass scores every run of an evaluation: its actor keeps the reference loaded throughout and each run's
+policy while that run's rows stream through (until session 24, a pass per run loaded the reference again
+each time); Ray Data shows its progress bars on the driver. Log-probs are summed over the completion tokens given the
 prompt, with the same masking as training (`ropo_ray.train.logprobs`), so an implicit reward computed
 here is the one the loss optimised.
 """
@@ -20,30 +21,57 @@ from ropo_ray.train.logprobs import collate_sequences, sequence_logps
 
 
 class LogpScorer:
-    """Ray Data callable class: `{name}_logp` of each row's `completion` given its `prompt`, per model."""
+    """Ray Data callable class: `policy_logp` and `reference_logp` of each row's `completion` given its
+    `prompt`; the row's `run` names its policy.
 
-    def __init__(self, models: dict[str, str], model_cfg: ModelConfig, micro_batch: int) -> None:
+    The reference stays loaded for the whole pass and scores each distinct (prompt, completion) once: the
+    probes and held-out pairs every run is scored on cost it one forward, not one per run. Policies load as
+    their rows arrive, one held at a time; the rows come grouped by run, so each loads once."""
+
+    def __init__(self, reference: str, policies: dict[str, str], model_cfg: ModelConfig, micro_batch: int) -> None:
         from ropo_ray.train.model_io import load_model
 
-        self.models = {name: load_model(path, model_cfg) for name, path in models.items()}
+        self.load = lambda path: load_model(path, model_cfg)
+        self.reference = self.load(reference)
+        self.policies = policies
+        self.policy_name: str | None = None
+        self.policy: Any = None
+        self.policy_loads = 0
         self.micro_batch = micro_batch
-        self.pad_id = next(iter(self.models.values())).config.pad_token_id or 0
+        self.pad_id = self.reference.config.pad_token_id or 0
+        self.reference_memo: dict[tuple[tuple[int, ...], tuple[int, ...]], float] = {}
+
+    def _logps(self, model: Any, prompts: list[list[int]], completions: list[list[int]]) -> list[float]:
+        sums = []
+        for start in range(0, len(prompts), self.micro_batch):
+            stop = start + self.micro_batch
+            seqs = collate_sequences(prompts[start:stop], completions[start:stop], self.pad_id)
+            logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], use_cache=False).logits
+            sums.append(sequence_logps(logits.float(), seqs["input_ids"], seqs["completion_mask"])[0])
+        return torch.cat(sums).double().tolist() if sums else []
+
+    def _use_policy(self, name: str) -> Any:
+        if name != self.policy_name:
+            self.policy = None  # the previous policy goes before the next one loads
+            self.policy, self.policy_name = self.load(self.policies[name]), name
+            self.policy_loads += 1
+        return self.policy
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [list(map(int, p)) for p in batch["prompt"]]
         completions = [list(map(int, c)) for c in batch["completion"]]
-        out = dict(batch)
-        for name, model in self.models.items():
-            sums = []
-            for start in range(0, len(prompts), self.micro_batch):
-                stop = start + self.micro_batch
-                seqs = collate_sequences(prompts[start:stop], completions[start:stop], self.pad_id)
-                logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"],
-                               use_cache=False).logits
-                sums.append(sequence_logps(logits.float(), seqs["input_ids"], seqs["completion_mask"])[0])
-            out[f"{name}_logp"] = torch.cat(sums).double().numpy()  # [N]
-        return out
+        runs = [str(r) for r in batch["run"]]
+        keys = [(tuple(p), tuple(c)) for p, c in zip(prompts, completions)]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.reference_memo))
+        scored = self._logps(self.reference, [list(p) for p, _ in todo], [list(c) for _, c in todo])
+        self.reference_memo.update(zip(todo, scored))
+        policy = np.zeros(len(runs))
+        for name in dict.fromkeys(runs):  # in order of first appearance
+            rows = [i for i, r in enumerate(runs) if r == name]
+            policy[rows] = self._logps(self._use_policy(name), [prompts[i] for i in rows],
+                                       [completions[i] for i in rows])
+        return {**batch, "policy_logp": policy, "reference_logp": np.array([self.reference_memo[k] for k in keys])}
 
 
 class RewardScorer:
@@ -75,14 +103,22 @@ class RewardScorer:
         return {**batch, "reward": reward.double().numpy()}
 
 
-def score_logps(rows: list[dict[str, Any]], models: dict[str, Path], model_cfg: ModelConfig, batch_size: int,
-                cpus: int = 1) -> list[dict[str, Any]]:
-    """`rows` ({"prompt": ids, "completion": ids, ...}) with `{name}_logp` for every named model, in order."""
+def score_logps(rows: list[dict[str, Any]], reference: Path, policies: dict[str, Path], model_cfg: ModelConfig,
+                batch_size: int, cpus: int = 1) -> list[dict[str, Any]]:
+    """`rows` ({"run": a key of `policies`, "prompt": ids, "completion": ids, ...}) with `policy_logp` (under
+    the row's run's policy) and `reference_logp`, in order: one Ray Data pass for every run, the reference
+    loaded once. Rows should come grouped by run (each run's policy then loads once)."""
     import ray.data
 
+    unknown = sorted({str(r["run"]) for r in rows} - set(policies))
+    if unknown:
+        raise ValueError(f"score_logps: rows name runs without a policy folder: {unknown}")
     indexed = [{**r, "_row": i} for i, r in enumerate(rows)]
-    ds = ray.data.from_items(indexed).map_batches(
-        LogpScorer, fn_constructor_kwargs={"models": {k: str(v) for k, v in models.items()},
+    ds = ray.data.from_items(indexed)
+    ds.context.execution_options.preserve_order = True  # rows stay grouped by run on their way to the actor
+    ds = ds.map_batches(
+        LogpScorer, fn_constructor_kwargs={"reference": str(reference),
+                                           "policies": {k: str(v) for k, v in policies.items()},
                                            "model_cfg": model_cfg, "micro_batch": batch_size},
         batch_size=batch_size * 4, concurrency=1, num_cpus=cpus, batch_format="numpy")
     return _in_order(ds.take_all())

@@ -199,3 +199,37 @@ def test_a_second_evaluation_reuses_the_published_report(evaluated):
     more = with_overrides(cfg, ["eval.samples_per_prompt=4"])
     assert evaluation_fingerprint(more, evaluated["demo"], evaluated["exports"]) != \
         evaluation_fingerprint(cfg, evaluated["demo"], evaluated["exports"])
+
+
+def test_the_scorer_loads_each_policy_once_and_scores_shared_rows_once_under_the_reference(evaluated):
+    """The one scoring pass's actor, called in-process on two batches whose rows are grouped by run: the identity
+    export's rows score exactly the reference's log-probs, the rotated export's do not, each policy loads once,
+    and the reference scores a (prompt, completion) that several runs share once."""
+    import numpy as np
+
+    from ropo_ray.eval.scoring import LogpScorer
+
+    cfg, tok, root = evaluated["cfg"], evaluated["tokenizer"], evaluated["root"]
+    prompt = tok.encode("what is 2 plus 3?", add_special_tokens=False)
+    answers = [tok.encode(t, add_special_tokens=False) for t in ("5", "the answer is 5", "6")]
+    scorer = LogpScorer(str(evaluated["demo"]), {"identity": str(root / "identity" / "merged"),
+                                                 "rotated": str(evaluated["rotated"])}, cfg.model, micro_batch=2)
+
+    def column(lists: list[list[int]]) -> np.ndarray:  # one object per row, as Ray Data hands ragged lists
+        out = np.empty(len(lists), dtype=object)
+        out[:] = lists
+        return out
+
+    def batch(runs: list[str], picks: list[int]) -> dict:
+        return {"run": np.array(runs), "prompt": column([prompt] * len(runs)),
+                "completion": column([answers[i] for i in picks])}
+
+    first = scorer(batch(["identity", "identity", "identity", "rotated"], [0, 1, 2, 0]))
+    second = scorer(batch(["rotated", "rotated"], [1, 2]))
+    assert scorer.policy_loads == 2 and len(scorer.reference_memo) == 3
+    assert list(first["policy_logp"][:3]) == list(first["reference_logp"][:3])
+    rotated = np.concatenate([first["policy_logp"][3:], second["policy_logp"]])
+    shared = np.concatenate([first["reference_logp"][3:], second["reference_logp"]])
+    assert list(shared) == list(first["reference_logp"][:3])  # the same rows under the reference, memoised
+    assert np.all(np.abs(rotated - shared) > 1e-6)
+    assert np.all(np.isfinite(rotated)) and np.all(first["reference_logp"] < 0)
