@@ -2,8 +2,8 @@
 
 For the reference and every exported run (its merged HF folder): n samples per held-out prompt (vLLM
 engines on Ray actors, started once and given each model's weights in turn; a seed per request) and a
-greedy answer per knowledge probe; then, per run, one Ray Data scoring pass under policy and reference
-(KL on the policy's samples, held-out preference accuracy from the implicit reward, knowledge-probe NLL),
+greedy answer per knowledge probe; then one Ray Data scoring pass for every run under its policy and the
+reference (KL on the policy's samples, held-out preference accuracy from the implicit reward, knowledge-probe NLL),
 an optional reward model, the pure metrics of `ropo_ray.eval.metrics`, hyperspherical energy per adapted
 layer (ROPO_SPEC section 4), and the report (`report.json` + a self-contained `report.html`). The
 diagnostics are those with which arXiv 2508.17637 (section 1) describes DPO's reward hacking: longer
