@@ -31,9 +31,11 @@ padding) / wall time of the timed calls.
 Decode compute-bound utilisation = tokens/s x 2 x parameters / matmul ceiling measured in the same run. Each side
 also times --calls prefill-only calls (the same requests and seeds, one token each), which splits a call in two:
 the decode phase (its tokens after each request's first, in the rest of its time), measured against the same bound,
-and the work of the whole call (prompt and generated tokens, each a forward of 2 x parameters). --dtypes fp32 leaves
-out the bf16 sides on a CPU without native bf16 (there a bf16 matmul runs ~100x slower than fp32); the targets are
-judged on bf16 when it ran, else on fp32.
+and the work of the whole call (prompt and generated tokens, each a forward of 2 x parameters). vLLM sides also time
+--calls calls with every request forced to 34 tokens (ignore_eos) and as many forced to 2: their difference over 32
+steps is one decode step of all the requests at once, the steady decode measured against the same bound.
+--dtypes fp32 leaves out the bf16 sides on a CPU without native bf16 (there a bf16 matmul runs ~100x slower than
+fp32); the targets are judged on bf16 when it ran, else on fp32.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from benchlib import load_json, machine_busy_seconds, versions
 
 SIDES = ("vllm_fp32", "vllm_bf16", "hf_fp32", "hf_bf16")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+STEADY_TOKENS = 34
+"""Tokens of the forced-length calls that time one decode step of every request at once (against 2-token calls)."""
 MODEL_VERSION = 1
 """Bump when the model recipe below changes, so a cached --model-dir stops matching."""
 MANIFEST = "bench_sample_model.json"
@@ -256,8 +260,8 @@ def side_vllm(args: argparse.Namespace, dtype: str) -> dict:
               max_model_len=256, disable_log_stats=True)
     startup = time.perf_counter() - t0
 
-    def params(call: int, max_tokens: int = args.max_tokens) -> list:
-        return [SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=max_tokens,
+    def params(call: int, max_tokens: int = args.max_tokens, ignore_eos: bool = False) -> list:
+        return [SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=max_tokens, ignore_eos=ignore_eos,
                                seed=args.seed + call * len(prompts) + i) for i in range(len(prompts))]
 
     t0 = time.perf_counter()
@@ -281,9 +285,18 @@ def side_vllm(args: argparse.Namespace, dtype: str) -> dict:
         with Window() as window:
             llm.generate(prompts, params(call, max_tokens=1), use_tqdm=False)
         prefill.append(window)
+    steady: dict[int, list[float]] = {STEADY_TOKENS: [], 2: []}
+    for call in range(args.calls):  # every request forced to the same length: the full batch's decode step
+        for tokens in steady:
+            with Window() as window:
+                llm.generate(prompts, params(call, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
+            steady[tokens].append(window.wall)
+    step = (statistics.median(steady[STEADY_TOKENS]) - statistics.median(steady[2])) / (STEADY_TOKENS - 2)
     return {**length_record(lengths, stopped, sum(w.wall for w in windows), texts),
             **prefill_record(prompts=[len(p["prompt_token_ids"]) for p in prompts], calls=args.calls,
                              windows=prefill),
+            "steady_call_seconds": {str(k): v for k, v in steady.items()}, "steady_decode_step_seconds": step,
+            "steady_decode_tokens_per_s": len(prompts) / step,
             "contention": merge_contention(windows), "engine_startup_seconds": startup, "warmup_call_seconds": warmup,
             "eos_counted_in_tokens": all(eos_kept), "reserved_cpus": args.vllm_reserved_cpus,
             "engine_core_in_process": bool(args.vllm_inprocess),
@@ -393,7 +406,9 @@ def run_once(args: argparse.Namespace, side: str, tag: str, extra: dict[str, obj
         print(f"  {tag} {extra}: {out['tokens_per_s']:.0f} tokens/s ({out['tokens']} tokens in {out['seconds']:.2f} s, "
               f"lengths {out['lengths']['min']}/{out['lengths']['median']}/{out['lengths']['max']}, EOS "
               f"{out['eos_fraction']:.2f}; other processes {out['contention']['other_cores']:.2f} cores; "
-              f"process {out['process_seconds']:.0f} s)", flush=True)
+              f"process {out['process_seconds']:.0f} s)"
+              + (f"; steady decode step {out['steady_decode_step_seconds'] * 1e3:.1f} ms"
+                 if "steady_decode_step_seconds" in out else ""), flush=True)
     return out
 
 
@@ -479,6 +494,9 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict], parameters: dic
         util[side]["all_work_vs_same_dtype_ceiling"] = med(
             [flops * (r["tokens"] + r["prompt_tokens"]) / r["seconds"] / c[dtype]
              for r, c in zip(runs[side], ceilings)])
+        if side.startswith("vllm"):
+            util[side]["steady_decode_vs_same_dtype_ceiling"] = med(
+                [flops * r["steady_decode_tokens_per_s"] / c[dtype] for r, c in zip(runs[side], ceilings)])
     judged = "bf16" if "bf16" in dtypes else dtypes[0]
     best_ratio = max(ratios.values())
     best_util = util[f"vllm_{judged}"][f"total_params_vs_{judged}_ceiling"]
@@ -502,7 +520,8 @@ def summarise(runs: dict[str, list[dict]], ceilings: list[dict], parameters: dic
                     "decode_compute_bound_at_least_50pct": {
                         f"vllm_{judged}_total_params_vs_{judged}_ceiling": best_util, "met": best_util >= 0.5,
                         "decode_phase": util[f"vllm_{judged}"]["decode_phase_vs_same_dtype_ceiling"],
-                        "all_work": util[f"vllm_{judged}"]["all_work_vs_same_dtype_ceiling"]}},
+                        "all_work": util[f"vllm_{judged}"]["all_work_vs_same_dtype_ceiling"],
+                        "steady_decode": util[f"vllm_{judged}"]["steady_decode_vs_same_dtype_ceiling"]}},
     }
 
 
