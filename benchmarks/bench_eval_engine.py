@@ -31,8 +31,7 @@ import benchlib
 import ray
 
 from ropo_ray.config import load_config
-from ropo_ray.data.tokenize import encode_prompt
-from ropo_ray.eval.evaluate import eval_inputs, sample_model
+from ropo_ray.eval.evaluate import eval_inputs, sample_model, user_prompt_ids
 from ropo_ray.eval.sampling import SamplingEngines
 from ropo_ray.runs import resolve_model, start_local_ray, tokenizer_dir
 from ropo_ray.train.model_io import load_tokenizer
@@ -75,8 +74,7 @@ def drive(args: argparse.Namespace) -> dict:
     models = [model_dir, *noisy_copies(model_dir, artifacts / "eval-engine-models", args.models - 1)]
     tokenizer = load_tokenizer(tokenizer_dir(cfg, model_dir), cfg.model)
     prompts, probes = eval_inputs(cfg, model_dir)
-    prompt_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
-    probe_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in probes]
+    prompt_ids, probe_ids = user_prompt_ids(tokenizer, prompts), user_prompt_ids(tokenizer, probes)
     compile_cache = Path.home() / ".cache" / "vllm" / "torch_compile_cache"
     cache_was_warm = compile_cache.exists() and any(compile_cache.iterdir())
     start_local_ray(num_cpus=2, logging_level="WARNING", log_to_driver=False)
@@ -122,10 +120,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--sides", default="shared,per_model", help=f"comma-separated, of {', '.join(SIDES)}")
     parser.add_argument("--models", type=int, default=4, help="the reference and models - 1 noisy copies")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_engine.json")
-    parser.add_argument("--quiet-cores", type=float, default=0.5,
-                        help="start a side only when the machine (this Ray's idle processes included) uses fewer cores")
-    parser.add_argument("--max-wait", type=float, default=120.0, help="longest wait for a quiet machine, s")
-    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    benchlib.add_ray_bench_arguments(parser)
     return parser.parse_args()
 
 

@@ -29,8 +29,7 @@ from bench_eval_engine import DEMO, noisy_copies
 
 from ropo_ray.config import load_config
 from ropo_ray.data.prepare import prepare
-from ropo_ray.data.tokenize import encode_prompt
-from ropo_ray.eval.evaluate import eval_inputs, held_out_pairs, sample_model, scoring_rows
+from ropo_ray.eval.evaluate import eval_inputs, held_out_pairs, sample_model, scoring_rows, user_prompt_ids
 from ropo_ray.eval.sampling import SamplingEngines
 from ropo_ray.eval.scoring import score_logps
 from ropo_ray.runs import resolve_model, start_local_ray, tokenizer_dir
@@ -46,8 +45,7 @@ def drive(args: argparse.Namespace) -> dict:
     tok_dir = tokenizer_dir(cfg, reference)
     tokenizer = load_tokenizer(tok_dir, cfg.model)
     prompts, probes = eval_inputs(cfg, reference)
-    prompt_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
-    probe_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in probes]
+    prompt_ids, probe_ids = user_prompt_ids(tokenizer, prompts), user_prompt_ids(tokenizer, probes)
     start_local_ray(num_cpus=2, logging_level="WARNING", log_to_driver=False)
     prepare(cfg, str(tok_dir), args.work / "data", (str(reference / "task" / "pairs.jsonl"),), log=lambda s: None)
     pairs = held_out_pairs(args.work / "data")
@@ -89,10 +87,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3, help="noisy copies of the reference scored as runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_scoring.json")
-    parser.add_argument("--quiet-cores", type=float, default=0.5,
-                        help="start a side only when the machine (this Ray's idle processes included) uses fewer cores")
-    parser.add_argument("--max-wait", type=float, default=120.0, help="longest wait for a quiet machine, s")
-    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    benchlib.add_ray_bench_arguments(parser)
     return parser.parse_args()
 
 

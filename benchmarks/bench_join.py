@@ -107,10 +107,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, nargs="+", default=[200, 20_000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "join.json")
-    parser.add_argument("--quiet-cores", type=float, default=0.5,
-                        help="start a side only when the machine (this Ray's idle processes included) uses fewer cores")
-    parser.add_argument("--max-wait", type=float, default=120.0, help="longest wait for a quiet machine, s")
-    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    benchlib.add_ray_bench_arguments(parser)
     return parser.parse_args()
 
 

@@ -99,6 +99,17 @@ def rotated_repeats(repeats: int, sides: Sequence[str], measure_ceilings: Callab
     return runs, ceilings
 
 
+def add_ray_bench_arguments(parser: Any) -> None:
+    """The options of a bench whose sides run in its own process on one local Ray: waiting for a quiet machine
+    (every process counts, this Ray's idle ones included) and `main`'s --side, which such a bench never sets."""
+    import argparse
+
+    parser.add_argument("--quiet-cores", type=float, default=0.5,
+                        help="start a side only when the machine (this Ray's idle processes included) uses fewer cores")
+    parser.add_argument("--max-wait", type=float, default=120.0, help="longest wait for a quiet machine, s")
+    parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
+
+
 def add_quiet_arguments(parser: Any, max_other_cores: float) -> None:
     """The options of waiting for a quiet machine and redoing a side that was disturbed."""
     parser.add_argument("--quiet-cores", type=float, default=0.3,

@@ -65,6 +65,11 @@ def eval_inputs(cfg: Config, reference_dir: Path) -> tuple[list[dict], list[dict
     return prompts, probes
 
 
+def user_prompt_ids(tokenizer: Any, items: list[dict]) -> list[list[int]]:
+    """Each item's "prompt" as a one-turn user conversation, tokenised as training tokenises prompts."""
+    return [encode_prompt(tokenizer, [{"role": "user", "content": item["prompt"]}]) for item in items]
+
+
 def read_run(export: Path) -> dict[str, Any]:
     """An exported training run: its config, merged folder, trainable-parameter count and metric log."""
     from safetensors import safe_open
@@ -277,8 +282,7 @@ def evaluate(cfg: Config, reference_dir: Path, tokenizer_path: Path, exports: li
     clock = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_path, cfg.model)
     prompts, probes = eval_inputs(cfg, reference_dir)
-    prompt_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in prompts]
-    probe_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in probes]
+    prompt_ids, probe_ids = user_prompt_ids(tokenizer, prompts), user_prompt_ids(tokenizer, probes)
     runs = [read_run(store(e).local_copy(mirror_dir(cfg), marker="run.json")) for e in exports]
     names = run_names(runs)
     pairs = held_out_pairs(prepared)
