@@ -79,10 +79,10 @@ class EvalConfig:
     """vLLM's enforce_eager: True runs the model eagerly, False lets vLLM compile it (torch.compile; CUDA
     graphs on GPU). None: eager on CPU engines, compiled on GPU ones. On a 2-core CPU compiling lengthens the
     engine's start from about 10 s to 20 s (38 s the first time a model's graphs are compiled; once per
-    evaluation with shared engines) and then samples a 48.7M-parameter model 1.47x (fp32) and 1.18x (bf16)
-    as fast: set false on CPU when an evaluation's sampling takes minutes; the demo's takes seconds.
-    Compiled kernels may round differently, so samples can differ from eager ones (benchmarks/BENCHMARKS.md,
-    session 24)."""
+    evaluation with shared engines) and then samples a 48.7M-parameter model 1.2x to 1.5x as fast (fp32
+    1.47x and 1.16x, bf16 1.18x and 1.52x, single runs in two calibrations): set false on CPU when an
+    evaluation's sampling takes minutes; the demo's takes seconds. Compiled kernels may round differently,
+    so samples can differ from eager ones (benchmarks/BENCHMARKS.md, session 24)."""
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE of each CPU engine, GiB."""
     max_model_len: int = 256
